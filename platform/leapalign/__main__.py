@@ -1,0 +1,5 @@
+import sys
+
+from leapalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Alignment methods as pure functions of a velocity field, latents and a sigma grid (no Ray)."""

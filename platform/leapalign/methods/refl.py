@@ -1,0 +1,29 @@
+"""ReFL baseline (Xu et al. 2023), as the LeapAlign paper defines it for flow models.
+
+Roll out without a graph to a random late step t (one of the last `last_steps`), take that one step
+with a graph and leap straight to x_hat_0 = x_t - sigma_t v_theta(x_t); the reward is computed on
+x_hat_0, so gradients only ever reach late steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from leapalign.sampling import VelocityFn, euler_step
+
+
+def sample_refl_step(num_steps: int, last_steps: int, generator: torch.Generator) -> int:
+    """A step index uniformly among the last `last_steps` (paper: m = 11 of T = 25)."""
+    first = max(0, num_steps - last_steps)
+    return int(torch.randint(first, num_steps, (1,), generator=generator).item())
+
+
+def refl_rollout(velocity_fn: VelocityFn, latents: Tensor, sigmas: Tensor, t: int) -> Tensor:
+    """x_hat_0 [B, S, C] with a graph through the single model call at step t."""
+    x = latents.detach()
+    with torch.no_grad():
+        for i in range(t):
+            x = euler_step(x, velocity_fn(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+    with torch.enable_grad():
+        return x - sigmas[t] * velocity_fn(x, sigmas[t]).to(x.dtype)

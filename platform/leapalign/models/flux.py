@@ -1,0 +1,220 @@
+"""Flux (diffusers) as a policy: load, encode prompts, pack latents, predict velocity, decode.
+
+Real Flux.1-dev, the tiny test model and the miniature-world model all load through
+`FluxPolicy.from_pretrained`, i.e. diffusers' own `FluxPipeline.from_pretrained`. The pipeline's
+`__call__` runs under no_grad and hides its loop, so training uses the pieces here and writes the
+loop out (leapalign.sampling, leapalign.methods).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from leapalign.sampling import VelocityFn, flux_sigmas, rollout
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class PromptEmbeds:
+    """Frozen text conditioning of one batch (no graph)."""
+
+    prompt_embeds: Tensor  # [B, L, D_t5] T5 token states
+    pooled_prompt_embeds: Tensor  # [B, D_clip] pooled CLIP embedding
+    text_ids: Tensor  # [L, 3] zeros (RoPE ids of text tokens)
+
+    def repeat(self, times: int) -> PromptEmbeds:
+        """Each prompt `times` times in a row (GRPO groups, several images per prompt)."""
+        return PromptEmbeds(
+            self.prompt_embeds.repeat_interleave(times, dim=0),
+            self.pooled_prompt_embeds.repeat_interleave(times, dim=0),
+            self.text_ids,
+        )
+
+
+def resolve_model_path(path: str) -> str:
+    """A local folder (as given, or under the installed package), else the string itself as a hub id.
+
+    Anything that looks like a path (starts with '.', '/', '~' or has more than one '/') must exist:
+    a typo should not turn into a confusing hub lookup.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        return str(candidate)
+    packaged = PACKAGE_DIR / path
+    if packaged.is_dir():
+        return str(packaged)
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path
+    if looks_local or candidate.exists():
+        raise FileNotFoundError(
+            f"model folder {path!r} not found (looked in {candidate.resolve()} and {packaged}). Give a diffusers "
+            f"Flux folder (model_index.json + transformer/ vae/ text_encoder*/ tokenizer*/ scheduler/), build a "
+            f"tiny one with `leapalign build-tiny DIR`, or a hub id such as black-forest-labs/FLUX.1-dev"
+        )
+    return path
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
+
+
+class FluxPolicy:
+    """The frozen parts (text encoders, VAE) and the trained transformer of a diffusers Flux."""
+
+    def __init__(self, pipe, device: torch.device, autocast_dtype: torch.dtype | None = None):
+        self.pipe = pipe
+        self.device = device
+        self.autocast_dtype = autocast_dtype  # bf16 autocast on GPU; None runs in the weights' dtype
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.vae_scale_factor = pipe.vae_scale_factor
+        self.num_channels_latents = self.transformer.config.in_channels // 4
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+            module.requires_grad_(False)
+            module.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: str = "auto",
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        autocast: bool | None = None,
+    ) -> FluxPolicy:
+        """Load through diffusers' FluxPipeline.from_pretrained (hub id or local diffusers folder)."""
+        from diffusers import FluxPipeline
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = pick_dtype(dtype, device)
+        local = resolve_model_path(path)
+        try:
+            pipe = FluxPipeline.from_pretrained(local, dtype=torch_dtype, revision=revision)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"could not load a Flux pipeline from {path!r}: {err}") from err
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        use_autocast = device.type == "cuda" if autocast is None else autocast
+        return cls(pipe, device, torch.bfloat16 if use_autocast else None)
+
+    # ------------------------------------------------------------------ shapes
+
+    def check_resolution(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple:
+                raise ValueError(
+                    f"sampler.{name}={value} must be a multiple of {multiple}: the VAE downsamples "
+                    f"{self.vae_scale_factor}x and latents are packed 2x2"
+                )
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        return (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> Tensor:
+        """The scheduler's dynamically shifted grid for this resolution: [num_steps + 1]."""
+        config = self.pipe.scheduler.config
+        return flux_sigmas(
+            num_steps,
+            self.image_seq_len(height, width),
+            base_seq_len=config.get("base_image_seq_len", 256),
+            max_seq_len=config.get("max_image_seq_len", 4096),
+            base_shift=config.get("base_shift", 0.5),
+            max_shift=config.get("max_shift", 1.15),
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------ conditioning and noise
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], max_sequence_length: int = 512) -> PromptEmbeds:
+        prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
+        )
+        return PromptEmbeds(prompt_embeds, pooled, text_ids)
+
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Packed Gaussian noise [B, S, 4C] in fp32 and the image RoPE ids [S, 3].
+
+        Drawn from the same (CPU) generator with the same call as FluxPipeline.prepare_latents, so
+        a seed gives the same noise on every device.
+        """
+        self.check_resolution(height, width)
+        latents, latent_image_ids = self.pipe.prepare_latents(
+            batch_size, self.num_channels_latents, height, width, torch.float32, generator.device, generator
+        )
+        return latents.to(self.device), latent_image_ids.to(self.device)
+
+    # ------------------------------------------------------------------ model
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def velocity_fn(
+        self, cond: PromptEmbeds, latent_image_ids: Tensor, guidance_scale: float
+    ) -> VelocityFn:
+        """v_theta(latents, sigma) for this batch's conditioning; returns fp32 [B, S, 4C]."""
+        transformer = self.transformer
+        weight_dtype = transformer.dtype
+
+        def velocity(latents: Tensor, sigma: Tensor) -> Tensor:
+            batch = latents.shape[0]
+            guidance = None
+            if transformer.config.guidance_embeds:
+                guidance = torch.full((batch,), guidance_scale, device=latents.device, dtype=torch.float32)
+            timestep = sigma.expand(batch).to(weight_dtype)
+            with self.autocast():
+                out = transformer(
+                    hidden_states=latents.to(weight_dtype),
+                    timestep=timestep,
+                    guidance=guidance,
+                    pooled_projections=cond.pooled_prompt_embeds.to(weight_dtype),
+                    encoder_hidden_states=cond.prompt_embeds.to(weight_dtype),
+                    txt_ids=cond.text_ids,
+                    img_ids=latent_image_ids,
+                    return_dict=False,
+                )[0]
+            return out.float()
+
+        return velocity
+
+    def decode(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """Packed latents [B, S, 4C] -> images [B, 3, H, W] in [0, 1], differentiable."""
+        unpacked = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
+        config = self.vae.config
+        unpacked = unpacked / config.scaling_factor + (config.shift_factor or 0.0)
+        with self.autocast():
+            images = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_steps: int,
+        height: int,
+        width: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        max_sequence_length: int = 512,
+    ) -> Tensor:
+        """Plain ODE sampling (no graph): images [B, 3, H, W] in [0, 1]."""
+        cond = self.encode_prompts(prompts, max_sequence_length)
+        latents, image_ids = self.prepare_latents(len(prompts), height, width, generator)
+        velocity = self.velocity_fn(cond, image_ids, guidance_scale)
+        x0 = rollout(velocity, latents, self.sigmas(num_steps, height, width))
+        return self.decode(x0, height, width)
