@@ -55,7 +55,10 @@ class SamplerConfig:
     guidance_scale: float = 3.5  # Flux guidance embedding (distilled CFG); >= 0
 
     def __post_init__(self) -> None:
-        _check(self.num_steps >= 2, f"sampler.num_steps={self.num_steps}: LeapAlign needs two steps k < j, use >= 2")
+        _check(
+            self.num_steps >= 2,
+            f"sampler.num_steps={self.num_steps}: LeapAlign needs two steps k < j, use >= 2",
+        )
         _check(self.eval_num_steps >= 1, f"sampler.eval_num_steps={self.eval_num_steps}: use >= 1")
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -88,7 +91,9 @@ class LeapConfig:
             0.0 <= self.sigma_min < self.sigma_max <= 1.0,
             f"leap.sigma_min={self.sigma_min}, leap.sigma_max={self.sigma_max}: need 0 <= sigma_min < sigma_max <= 1",
         )
-        _check(self.gap >= 1, f"leap.gap={self.gap}: the second leap step must come after the first, use >= 1")
+        _check(
+            self.gap >= 1, f"leap.gap={self.gap}: the second leap step must come after the first, use >= 1"
+        )
         _check(
             self.beta_a > 0 and self.beta_b > 0,
             f"leap.beta_a={self.beta_a}, leap.beta_b={self.beta_b}: Beta shape parameters must be > 0",
@@ -102,11 +107,15 @@ WEIGHTINGS = ("both", "d_j", "d_0", "none")
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "leapalign"  # alignment method
-    alpha: float = 0.3  # gradient discount on the model input at step j; 0..1 (paper: 0.3 HPSv2.1, 0.1 PickScore)
+    alpha: float = (
+        0.3  # gradient discount on the model input at step j; 0..1 (paper: 0.3 HPSv2.1, 0.1 PickScore)
+    )
     tau: float = 0.1  # floor of each trajectory distance in the similarity weight; > 0 (w <= 1/tau)
     hinge: float = 0.55  # lambda: loss = w * max(0, lambda - reward); reward units
     weighting: str = "both"  # similarity weight from: both | d_j | d_0 | none (ablation)
-    reward_on: str = "final"  # reward on the real decoded x_0 (final) or on the leap's x_hat_0 (leap; ablation)
+    reward_on: str = (
+        "final"  # reward on the real decoded x_0 (final) or on the leap's x_hat_0 (leap; ablation)
+    )
 
     def __post_init__(self) -> None:
         _check(self.name in METHODS, f"method.name={self.name!r}: choose one of {', '.join(METHODS)}")
@@ -116,8 +125,13 @@ class MethodConfig:
         )
         _check(self.tau > 0, f"method.tau={self.tau}: the distance floor must be > 0 (paper: 0.1)")
         _check(math.isfinite(self.hinge), f"method.hinge={self.hinge}: must be a finite number")
-        _check(self.weighting in WEIGHTINGS, f"method.weighting={self.weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
-        _check(self.reward_on in ("final", "leap"), f"method.reward_on={self.reward_on!r}: choose final or leap")
+        _check(
+            self.weighting in WEIGHTINGS,
+            f"method.weighting={self.weighting!r}: choose one of {', '.join(WEIGHTINGS)}",
+        )
+        _check(
+            self.reward_on in ("final", "leap"), f"method.reward_on={self.reward_on!r}: choose final or leap"
+        )
 
 
 @dataclass(frozen=True)
@@ -133,7 +147,10 @@ class FinetuneConfig:
         _check(self.mode in ("lora", "full"), f"finetune.mode={self.mode!r}: choose lora or full")
         _check(self.lora_rank >= 1, f"finetune.lora_rank={self.lora_rank}: use >= 1")
         _check(self.lora_alpha > 0, f"finetune.lora_alpha={self.lora_alpha}: use > 0")
-        _check(len(self.lora_target_modules) > 0, "finetune.lora_target_modules is empty: name at least one module")
+        _check(
+            len(self.lora_target_modules) > 0,
+            "finetune.lora_target_modules is empty: name at least one module",
+        )
         _check(
             self.mixed_precision in ("auto", "bf16", "no"),
             f"finetune.mixed_precision={self.mixed_precision!r}: choose auto, bf16 or no",
@@ -248,7 +265,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         _check(isinstance(value, bool), f"{key}={value!r}: expected true or false")
         return value
     if annotation is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r}: expected an integer")
+        _check(
+            isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r}: expected an integer"
+        )
         return value
     if annotation is float:
         _check(
@@ -324,7 +343,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as experiments/quickstart.yaml")
+        raise ConfigError(
+            f"config file {path} does not exist; pass a YAML file such as experiments/quickstart.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

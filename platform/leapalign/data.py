@@ -18,7 +18,9 @@ def resolve_data_path(path: str) -> Path:
     packaged = PACKAGE_DIR / path
     if packaged.exists():
         return packaged
-    raise FileNotFoundError(f"prompt file {path!r} not found (looked in {candidate.resolve()} and {packaged})")
+    raise FileNotFoundError(
+        f"prompt file {path!r} not found (looked in {candidate.resolve()} and {packaged})"
+    )
 
 
 def load_prompts(path: str) -> list[str]:
@@ -31,7 +33,9 @@ def load_prompts(path: str) -> list[str]:
         try:
             table = pq.read_table(file)
         except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"prompt file {file} is not a readable Parquet file ({err}); regenerate it") from None
+            raise ValueError(
+                f"prompt file {file} is not a readable Parquet file ({err}); regenerate it"
+            ) from None
         if "prompt" not in table.column_names:
             raise ValueError(f"prompt file {file} has no `prompt` column (columns: {table.column_names})")
         prompts = [str(p).strip() for p in table.column("prompt").to_pylist() if p is not None]
@@ -42,7 +46,9 @@ def load_prompts(path: str) -> list[str]:
             raise ValueError(f"prompt file {file} is not UTF-8 text: one prompt per line expected") from None
         prompts = [line.strip() for line in text.splitlines()]
     else:
-        raise ValueError(f"prompt file {file}: use .txt (one prompt per line) or .parquet (a `prompt` column)")
+        raise ValueError(
+            f"prompt file {file}: use .txt (one prompt per line) or .parquet (a `prompt` column)"
+        )
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"prompt file {file} holds no prompts: add at least one non-empty line or row")

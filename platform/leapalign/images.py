@@ -15,7 +15,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def make_grid(
-    rows: list[torch.Tensor], captions: list[str] | None = None, row_labels: list[str] | None = None, tile: int = 128
+    rows: list[torch.Tensor],
+    captions: list[str] | None = None,
+    row_labels: list[str] | None = None,
+    tile: int = 128,
 ) -> Image.Image:
     """Rows of images ([B, 3, H, W] each, same B) -> one picture; tiles upscaled (nearest) to `tile` px."""
     cols = rows[0].shape[0]

@@ -92,7 +92,11 @@ def setup_policy(cfg: Config, device: str | None = None) -> FluxPolicy:
     mixed = cfg.finetune.mixed_precision
     autocast = device_obj.type == "cuda" if mixed == "auto" else mixed == "bf16"
     policy = FluxPolicy.from_pretrained(
-        cfg.model.path, dtype=cfg.model.dtype, device=device_obj, revision=cfg.model.revision, autocast=autocast
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        device=device_obj,
+        revision=cfg.model.revision,
+        autocast=autocast,
     )
     policy.check_resolution(cfg.sampler.height, cfg.sampler.width)
     apply_finetune(policy.transformer, cfg.finetune)
@@ -106,7 +110,9 @@ def apply_finetune(transformer: torch.nn.Module, cfg: FinetuneConfig) -> list[to
         from peft import LoraConfig
 
         transformer.add_adapter(
-            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules))
+            LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules)
+            )
         )
     else:
         transformer.requires_grad_(True)
@@ -114,7 +120,9 @@ def apply_finetune(transformer: torch.nn.Module, cfg: FinetuneConfig) -> list[to
         transformer.enable_gradient_checkpointing()
     params = trainable_parameters(transformer)
     if not params:
-        raise ValueError(f"finetune: nothing to train; no module matches lora_target_modules={cfg.lora_target_modules}")
+        raise ValueError(
+            f"finetune: nothing to train; no module matches lora_target_modules={cfg.lora_target_modules}"
+        )
     for p in params:
         p.data = p.data.float()
     transformer.train()
@@ -277,7 +285,11 @@ def save_trained_weights(policy: FluxPolicy, cfg: Config, out_dir: Path) -> Path
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy.transformer))
-        FluxPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=layers)
+        # The adapter config travels with the weights: without it a loader assumes lora_alpha = rank.
+        metadata = policy.transformer.peft_config["default"].to_dict()
+        FluxPipeline.save_lora_weights(
+            str(out_dir), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        )
     else:
         policy.transformer.save_pretrained(str(out_dir))
     return out_dir
@@ -361,7 +373,9 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        sampler.load_state_dict(state["sampler"][dist.rank] if isinstance(state["sampler"], list) else state["sampler"])
+        sampler.load_state_dict(
+            state["sampler"][dist.rank] if isinstance(state["sampler"], list) else state["sampler"]
+        )
         randomness.load_state_dict(
             state["randomness"][dist.rank] if isinstance(state["randomness"], list) else state["randomness"]
         )
@@ -420,7 +434,9 @@ def train(
             optimizer.step()
             if ema is not None:
                 ema.update()
-            metrics = {key: sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in micro_metrics[0]}
+            metrics = {
+                key: sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in micro_metrics[0]
+            }
             metrics.update({"grad_norm": grad_norm, "skipped": 0.0})
         else:
             reason = skipped_reason or "non-finite gradient (here or on another worker)"
@@ -437,7 +453,9 @@ def train(
                 tracker.log_metrics(metrics, step=step + 1)
             if cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
                 images = sample_grid_images(policy, cfg, grid_prompts)
-                path = save_grid(make_grid([images], grid_prompts), out_dir / f"samples_step{step + 1:05d}.png")
+                path = save_grid(
+                    make_grid([images], grid_prompts), out_dir / f"samples_step{step + 1:05d}.png"
+                )
                 tracker.log_artifact(path, "samples")
         if on_step_end is not None:
 

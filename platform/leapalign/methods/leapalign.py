@@ -146,7 +146,9 @@ def rollout_with_leaps(
         if keep_trajectory:
             trajectory.append(x)
     x0 = _straight_through(x, x0_hat)  # connector 2: the reward sees the real x_0
-    return LeapRollout(x0=x0, x0_hat=x0_hat, d_j=d_j, d_0=_mean_abs(x - x0_hat), k=k, j=j, trajectory=trajectory)
+    return LeapRollout(
+        x0=x0, x0_hat=x0_hat, d_j=d_j, d_0=_mean_abs(x - x0_hat), k=k, j=j, trajectory=trajectory
+    )
 
 
 # ----------------------------------------------------------------------------- weighting and loss

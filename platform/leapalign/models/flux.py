@@ -163,9 +163,7 @@ class FluxPolicy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def velocity_fn(
-        self, cond: PromptEmbeds, latent_image_ids: Tensor, guidance_scale: float
-    ) -> VelocityFn:
+    def velocity_fn(self, cond: PromptEmbeds, latent_image_ids: Tensor, guidance_scale: float) -> VelocityFn:
         """v_theta(latents, sigma) for this batch's conditioning; returns fp32 [B, S, 4C]."""
         transformer = self.transformer
         weight_dtype = transformer.dtype

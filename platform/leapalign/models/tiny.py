@@ -65,13 +65,17 @@ def build_tokenizers(words: tuple[str, ...] = DEFAULT_WORDS):
     return clip_tokenizer, t5_tokenizer
 
 
-def build_tiny_flux_pipeline(spec: TinyFluxSpec = TinyFluxSpec(), words: tuple[str, ...] = DEFAULT_WORDS, seed: int = 0):
+def build_tiny_flux_pipeline(
+    spec: TinyFluxSpec = TinyFluxSpec(), words: tuple[str, ...] = DEFAULT_WORDS, seed: int = 0
+):
     """A randomly initialised FluxPipeline with real diffusers/transformers classes (fp32, CPU)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if sum(spec.axes_dims_rope) != spec.attention_head_dim:
-        raise ValueError(f"axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim={spec.attention_head_dim}")
+        raise ValueError(
+            f"axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim={spec.attention_head_dim}"
+        )
     clip_tokenizer, t5_tokenizer = build_tokenizers(words)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(

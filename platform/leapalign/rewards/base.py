@@ -51,9 +51,13 @@ class RewardError(ValueError):
 def check_rewards(rewards: Tensor, batch_size: int, source: str = "reward") -> None:
     """Shape [B] and finite, or a RewardError that says what came back."""
     if not isinstance(rewards, Tensor):
-        raise RewardError(f"{source} returned {type(rewards).__name__}, expected a tensor of shape [{batch_size}]")
+        raise RewardError(
+            f"{source} returned {type(rewards).__name__}, expected a tensor of shape [{batch_size}]"
+        )
     if rewards.shape != (batch_size,):
-        raise RewardError(f"{source} returned shape {tuple(rewards.shape)}, expected [{batch_size}] (one per image)")
+        raise RewardError(
+            f"{source} returned shape {tuple(rewards.shape)}, expected [{batch_size}] (one per image)"
+        )
     bad = ~torch.isfinite(rewards.detach())
     if bad.any():
         raise RewardError(

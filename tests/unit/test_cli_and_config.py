@@ -1,0 +1,106 @@
+"""The real entry point: exact two-step losses, bad input, config layering, and no Ray in the core."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leapalign.config import ConfigError, flatten_config, load_config, with_overrides
+from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+
+# Measured once on this code (CPU, fp32, seed 0) and pinned: any change to the math, the random
+# streams or the defaults shows up here.
+EXPECTED_TWO_STEP_LOSSES = [1.7403478622436523, 1.6245371103286743]
+
+
+def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "leapalign", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_two_step_cli_run_gives_exact_losses(tiny_flux_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out, **{"train.iterations": 2}))
+    assert proc.returncode == 0, f"CLI failed: {proc.stderr[-2000:]}"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == [1, 2], f"steps logged: {[r['step'] for r in records]}"
+    assert losses == pytest.approx(EXPECTED_TWO_STEP_LOSSES, rel=1e-6, abs=1e-7), f"losses {losses}"
+    for name in ("config.yaml", "samples_before.png", "samples_after.png", "lora", "lora_ema"):
+        assert (out / name).exists(), f"{name} missing from the run folder"
+    saved = load_config(out / "config.yaml")
+    assert saved.train.iterations == 2 and saved.model.path == str(tiny_flux_dir), "resolved config not saved"
+
+
+@pytest.mark.parametrize(
+    "case,extra,message",
+    [
+        ("unknown key", ["method.alpah=0.3"], "unknown config key(s) method.alpah"),
+        ("alpha out of range", ["method.alpha=1.5"], "outside [0, 1]"),
+        ("resolution", ["sampler.height=40"], "multiple of 16"),
+        ("wrong type", ["train.batch_size=two"], "expected an integer"),
+        ("missing model", ["model.path=./no/such/model"], "model folder './no/such/model' not found"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tiny_flux_dir, tmp_path, case, extra, message):
+    out = tmp_path / "run"
+    proc = run_cli("train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out), *extra)
+    assert proc.returncode == 2, f"{case}: exit code {proc.returncode}, stderr {proc.stderr[-500:]}"
+    assert message in proc.stderr, f"{case}: message should contain {message!r}, got {proc.stderr[-500:]!r}"
+    assert "Traceback" not in proc.stderr, f"{case}: a user error must not print a traceback"
+    assert not out.exists(), f"{case}: the run folder must not be created"
+
+
+def test_malformed_yaml_and_empty_prompts(tiny_flux_dir, tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  path: [unclosed\n")
+    proc = run_cli("train", str(bad_yaml))
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr, f"malformed YAML: {proc.stderr[-500:]}"
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    out = tmp_path / "run"
+    proc = run_cli("train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out), f"train.prompts={empty}")
+    assert proc.returncode == 2 and "holds no prompts" in proc.stderr, f"empty prompts: {proc.stderr[-500:]}"
+    assert not out.exists(), "no run folder for an empty prompt file"
+
+
+def test_config_layers_defaults_yaml_overrides(tmp_path):
+    cfg = load_config(TINY_CONFIG, ["method.alpha=0.1", "finetune.lora_target_modules=[to_q, to_k]"])
+    assert cfg.method.alpha == 0.1, "override beats YAML"
+    assert cfg.sampler.height == 32, "YAML beats defaults"
+    assert cfg.optim.beta2 == 0.999, "defaults fill the rest"
+    assert cfg.finetune.lora_target_modules == ("to_q", "to_k"), "lists become tuples"
+    flat = flatten_config(cfg)
+    assert flat["method.alpha"] == 0.1 and flat["leap.distribution"] == "uniform", "dotted keys"
+    swept = with_overrides(cfg, {"leap.distribution": "beta", "leap.beta_a": 2})
+    assert swept.leap.distribution == "beta" and swept.leap.beta_a == 2.0, "sweep overrides apply"
+    with pytest.raises(ConfigError, match="unknown config key"):
+        with_overrides(cfg, {"leap.shape": 2})
+    with pytest.raises(ConfigError, match="leap.gap=12 must be < sampler.num_steps=10"):
+        with_overrides(cfg, {"leap.distribution": "fixed_gap", "leap.gap": 12})
+
+
+def test_help_and_module_entry_point():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "train" in proc.stdout and "build-tiny" in proc.stdout, proc.stdout
+    script = str(Path(sys.executable).with_name("leapalign"))
+    exe = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert exe.returncode == 0 and "LeapAlign" in exe.stdout, "the `leapalign` console script must work"
+
+
+def test_core_never_imports_ray():
+    code = (
+        "import sys, leapalign, leapalign.train, leapalign.cli, leapalign.methods.leapalign, "
+        "leapalign.methods.refl, leapalign.methods.draft, leapalign.models.flux, leapalign.models.tiny, "
+        "leapalign.rewards.simple, leapalign.tracking, leapalign.config, leapalign.sampling\n"
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the core imported ray: {proc.stderr[-1000:]}"
