@@ -176,11 +176,19 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    name: str = "color_match"  # reward function (see leapalign.rewards.REWARDS) or actor:NAME for a Ray actor
+    name: str = "color_match"  # reward (leapalign.rewards.REWARDS); with reward.actor set, what it serves
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward factory
+    actor: str | None = None  # name of a running Ray reward actor (reward_servers/); None = build in process
+    namespace: str = "leapalign"  # Ray namespace the reward actor lives in
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "reward.name is empty: name a reward (e.g. color_match)")
+        _check(
+            self.actor is None or bool(self.actor.strip()),
+            "reward.actor is empty: name a running reward actor (python -m reward_servers.serve NAME) "
+            "or leave it unset (null) to build the reward in process",
+        )
+        _check(bool(self.namespace), "reward.namespace is empty: use the namespace the actor was started in")
 
 
 @dataclass(frozen=True)
@@ -206,11 +214,56 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    prompts: str | None = None  # held-out prompt file (.parquet of the miniature world); None skips evaluation
+    num_prompts: int = 120  # evaluate the first N prompts of the file; >= 1
+    images_per_prompt: int = 1  # samples per prompt (different noise); >= 1
+    batch_size: int = 32  # prompts per sampling batch; >= 1
+    use_ema: bool = True  # evaluate the EMA weights after training (as the paper does)
+
+    def __post_init__(self) -> None:
+        _check(self.num_prompts >= 1, f"eval.num_prompts={self.num_prompts}: use >= 1")
+        _check(self.images_per_prompt >= 1, f"eval.images_per_prompt={self.images_per_prompt}: use >= 1")
+        _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size}: use >= 1")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True  # log the run to MLflow
     uri: str = "sqlite:///mlflow.db"  # MLflow tracking URI (sqlite file or http://host:port server)
     experiment: str = "leapalign"  # MLflow experiment name
     run_name: str | None = None  # MLflow run name; None lets MLflow pick one
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    enabled: bool = True  # run train() on Ray Train workers (leapalign.distributed); false = this process, no Ray
+    address: str | None = None  # None = the job's cluster under `ray job submit`, else a new local one on 127.0.0.1; "auto" = the cluster started on this machine
+    num_workers: int = 1  # data-parallel training workers; >= 1 (global batch = num_workers * batch_size * grad_accum)
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker; > 0
+    use_gpu: bool = False  # one GPU per worker (NCCL for gradients); false = CPU workers (gloo)
+    storage_path: str = "outputs/ray_results"  # checkpoints go to STORAGE/RUN_NAME; a local or NFS folder (relative = to the cwd) or s3://, gs:// on a cluster
+    run_name: str | None = None  # the run's folder under storage_path; None = the name of train.output_dir
+    checkpoint_every: int = 50  # persist a checkpoint every N optimizer steps and at the last one; >= 1
+    keep_checkpoints: int = 2  # newest checkpoints kept in storage; >= 1
+    max_failures: int = 3  # worker failures survived by restarting from the last checkpoint; -1 = no limit
+    resume: bool = False  # continue run_name from its last checkpoint (same MLflow run); false starts it over
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers}: use >= 1")
+        _check(self.cpus_per_worker > 0, f"ray.cpus_per_worker={self.cpus_per_worker}: use > 0 (e.g. 0.5)")
+        _check(
+            self.address is None or bool(self.address.strip()),
+            "ray.address is empty: use null (local or job cluster), auto, or ray://HEAD:10001",
+        )
+        _check(bool(self.storage_path), "ray.storage_path is empty: give a writable folder or an s3:// URI")
+        _check(
+            self.run_name is None or (bool(self.run_name.strip()) and "/" not in self.run_name),
+            f"ray.run_name={self.run_name!r}: use a plain folder name (no '/') or null",
+        )
+        _check(self.checkpoint_every >= 1, f"ray.checkpoint_every={self.checkpoint_every}: use >= 1")
+        _check(self.keep_checkpoints >= 1, f"ray.keep_checkpoints={self.keep_checkpoints}: use >= 1")
+        _check(self.max_failures >= -1, f"ray.max_failures={self.max_failures}: use >= 0, or -1 for no limit")
 
 
 @dataclass(frozen=True)
@@ -224,6 +277,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         if self.leap.distribution == "fixed_gap":

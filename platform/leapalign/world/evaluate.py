@@ -1,0 +1,148 @@
+"""Held-out evaluation of a Flux policy in the miniature world (the GenEval analogue).
+
+Samples each held-out prompt with fixed noise (the same before and after training, so the comparison
+is paired), scores every image with the exact rule-based evaluator, and reports overall and
+per-category accuracy. Used by `leapalign train` when `eval.prompts` is set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from leapalign.config import Config
+from leapalign.images import make_grid, save_grid
+from leapalign.models.flux import FluxPolicy
+from leapalign.world.evaluator import evaluate_batch
+from leapalign.world.prompts import read_prompts
+from leapalign.world.scenes import parse_caption
+
+EVAL_SEED_OFFSET = 20_000  # evaluation noise never coincides with training noise
+
+
+@dataclass
+class EvalResult:
+    overall: float  # mean of per-category accuracies (GenEval's overall)
+    image_accuracy: float  # fraction of images judged correct
+    per_category: dict[str, float]
+    n: int
+    images: torch.Tensor  # [P * images_per_prompt, 3, H, W]
+    prompts: list[str]
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}/overall": self.overall, f"{prefix}/image_accuracy": self.image_accuracy}
+        out.update({f"{prefix}/{cat}": acc for cat, acc in self.per_category.items()})
+        return out
+
+
+def load_eval_prompts(cfg: Config) -> list[str]:
+    records = read_prompts(cfg.eval.prompts)
+    return [r.prompt for r in records[: cfg.eval.num_prompts]]
+
+
+def load_policy_for_eval(cfg: Config, run_dir: Path | None = None, device: str | None = None) -> FluxPolicy:
+    """The base model, or the base model plus a run's saved weights, through diffusers' loaders."""
+    policy = FluxPolicy.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, device=device)
+    if run_dir is None:
+        return policy
+    name = "lora" if cfg.finetune.mode == "lora" else "transformer"
+    weights = run_dir / f"{name}_ema" if cfg.eval.use_ema and (run_dir / f"{name}_ema").exists() else run_dir / name
+    if not weights.exists():
+        raise FileNotFoundError(f"no trained weights in {weights}: did the run finish?")
+    if cfg.finetune.mode == "lora":
+        policy.pipe.load_lora_weights(str(weights))
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        transformer = FluxTransformer2DModel.from_pretrained(str(weights), dtype=policy.transformer.dtype)
+        policy.pipe.transformer = transformer.to(policy.device)
+        policy.transformer = policy.pipe.transformer
+    return policy
+
+
+@torch.no_grad()
+def evaluate_policy(policy: FluxPolicy, cfg: Config, prompts: list[str], desc: str = "eval") -> EvalResult:
+    """Sample every prompt images_per_prompt times with fixed seeds and score them exactly."""
+    all_prompts, all_images = [], []
+    batches = [
+        (r, prompts[i : i + cfg.eval.batch_size])
+        for r in range(cfg.eval.images_per_prompt)
+        for i in range(0, len(prompts), cfg.eval.batch_size)
+    ]
+    for batch_index, (r, batch) in enumerate(tqdm(batches, desc=desc)):
+        generator = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET + 1000 * r + batch_index)
+        images = policy.generate(
+            batch,
+            num_steps=cfg.sampler.eval_num_steps,
+            height=cfg.sampler.height,
+            width=cfg.sampler.width,
+            guidance_scale=cfg.sampler.guidance_scale,
+            generator=generator,
+            max_sequence_length=cfg.model.max_sequence_length,
+        )
+        all_images.append(images.cpu())
+        all_prompts.extend(batch)
+    images = torch.cat(all_images)
+    scores = evaluate_batch(images.numpy(), all_prompts)
+    return EvalResult(
+        overall=float(scores["overall"]),
+        image_accuracy=float(scores["image_accuracy"]),
+        per_category={k: float(v) for k, v in scores["per_category"].items()},
+        n=int(scores["n"]),
+        images=images,
+        prompts=all_prompts,
+    )
+
+
+def format_comparison(before: EvalResult, after: EvalResult) -> str:
+    """A small table: category, before, after, change (accuracy in %)."""
+    rows = [("category", "before", "after", "change")]
+    for cat in sorted(before.per_category):
+        b, a = before.per_category[cat], after.per_category.get(cat, float("nan"))
+        rows.append((cat, f"{100 * b:.1f}", f"{100 * a:.1f}", f"{100 * (a - b):+.1f}"))
+    rows.append(("overall", f"{100 * before.overall:.1f}", f"{100 * after.overall:.1f}",
+                 f"{100 * (after.overall - before.overall):+.1f}"))  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  {r[1]:>7}  {r[2]:>7}  {r[3]:>7}" for r in rows)
+
+
+def save_comparison(before: EvalResult, after: EvalResult, out_dir: Path, num_columns: int = 8) -> list[Path]:
+    """eval.json (both results) and eval_before_after.png (same prompts and noise, base vs aligned)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        stage: {"overall": r.overall, "image_accuracy": r.image_accuracy, "per_category": r.per_category, "n": r.n}
+        for stage, r in (("before", before), ("after", after))
+    }
+    json_path = out_dir / "eval.json"
+    tmp = json_path.with_name(".eval.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(json_path)
+    # The first prompt of each category first, then the next ones: the grid shows every kind of prompt.
+    categories = [parse_caption(p).category for p in before.prompts]
+    firsts = [categories.index(c) for c in dict.fromkeys(categories)]
+    picked = (firsts + [i for i in range(len(categories)) if i not in firsts])[:num_columns]
+    grid = make_grid(
+        [before.images[picked], after.images[picked]],
+        [before.prompts[i] for i in picked],
+        ["base", "aligned"],
+    )
+    return [json_path, save_grid(grid, out_dir / "eval_before_after.png")]
+
+
+def evaluate_stage(cfg: Config, run_dir: Path | None = None, device: str | None = None) -> EvalResult:
+    """Accuracy of the base model (run_dir None) or of a finished run's weights on cfg.eval.prompts."""
+    prompts = load_eval_prompts(cfg)
+    policy = load_policy_for_eval(cfg, run_dir, device)
+    return evaluate_policy(policy, cfg, prompts, desc="eval " + ("aligned" if run_dir else "base"))
+
+
+def report_comparison(before: EvalResult, after: EvalResult, out_dir: Path, tracker, step: int) -> str:
+    """Print-ready table; eval.json + before/after grid saved and logged with the metrics."""
+    tracker.log_metrics({**before.metrics("eval/before"), **after.metrics("eval/after")}, step=step)
+    for path in save_comparison(before, after, out_dir):
+        tracker.log_artifact(path, "eval")
+    return format_comparison(before, after)
