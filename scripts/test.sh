@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Ray Train notices a dead worker within 0.2 s instead of seconds (the fault-injection tests wait on it).
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
 exec .venv/bin/python -m pytest -q "$@"

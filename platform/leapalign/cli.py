@@ -13,6 +13,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from leapalign.config import Config
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
@@ -32,10 +37,21 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from leapalign.config import load_config
-    from leapalign.train import make_tracker, train
 
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
+    # Held-out accuracy of the base model first: a bad eval prompt file fails before any training.
+    before = _evaluate(cfg) if cfg.eval.prompts else None
+    run_id, output_dir = train_on_ray(cfg) if cfg.ray.enabled else train_locally(cfg)
+    if before is not None:
+        _report_evaluation(cfg, before, output_dir, run_id)
+    return 0
+
+
+def train_locally(cfg: Config) -> tuple[str | None, Path]:
+    """This process, no Ray."""
+    from leapalign.train import make_tracker, train
+
     tracker = make_tracker(cfg)
     try:
         result = train(cfg, tracker=tracker)
@@ -50,7 +66,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"reward {last.get('reward/mean', float('nan')):.4f}; outputs in {result.output_dir}"
         + (f"; MLflow run {result.run_id} ({cfg.tracking.uri})" if result.run_id else "")
     )
-    return 0
+    return result.run_id, Path(result.output_dir)
+
+
+def train_on_ray(cfg: Config) -> tuple[str | None, Path]:
+    """The same loop on Ray Train workers (imported only here: the core never imports ray)."""
+    from leapalign.distributed.ray_train import run_on_ray
+
+    result = run_on_ray(cfg)
+    m = result.metrics
+    print(
+        f"done: step {m.get('step', 0)}/{cfg.train.iterations} on {cfg.ray.num_workers} Ray worker(s), final loss "
+        f"{m.get('loss', float('nan')):.4f}, reward {m.get('reward/mean', float('nan')):.4f}; outputs in "
+        f"{result.output_dir}; checkpoints in {result.run_dir}"
+        + (f"; MLflow run {result.run_id} ({cfg.tracking.uri})" if result.run_id else "")
+    )
+    return result.run_id, Path(result.output_dir)
+
+
+def _evaluate(cfg: Config, run_dir: Path | None = None):
+    from leapalign.world.evaluate import evaluate_stage
+
+    return evaluate_stage(cfg, run_dir)
+
+
+def _report_evaluation(cfg: Config, before, output_dir: Path, run_id: str | None) -> None:
+    """Aligned vs base on the held-out prompts: printed, saved, and logged to the training's MLflow run."""
+    from leapalign.tracking import MLflowTracker, NullTracker
+    from leapalign.world.evaluate import report_comparison
+
+    after = _evaluate(cfg, output_dir)
+    tracker = NullTracker()
+    if cfg.tracking.enabled and run_id is not None:
+        tracker = MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id)
+    table = report_comparison(before, after, output_dir, tracker, step=cfg.train.iterations)
+    tracker.end("FINISHED")
+    print(f"held-out accuracy ({after.n} images, exact rule-based evaluator), base vs aligned:\n{table}")
+    print(f"before/after grid: {output_dir / 'eval_before_after.png'}")
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:

@@ -215,7 +215,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    prompts: str | None = None  # held-out prompt file (.parquet of the miniature world); None skips evaluation
+    prompts: str | None = (
+        None  # held-out prompt file (.parquet of the miniature world); None skips evaluation
+    )
     num_prompts: int = 120  # evaluate the first N prompts of the file; >= 1
     images_per_prompt: int = 1  # samples per prompt (different noise); >= 1
     batch_size: int = 32  # prompts per sampling batch; >= 1
@@ -237,26 +239,29 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    enabled: bool = True  # run train() on Ray Train workers (leapalign.distributed); false = this process, no Ray
-    address: str | None = None  # None = the job's cluster under `ray job submit`, else a new local one on 127.0.0.1; "auto" = the cluster started on this machine
-    num_workers: int = 1  # data-parallel training workers; >= 1 (global batch = num_workers * batch_size * grad_accum)
+    enabled: bool = True  # train on Ray Train workers; false = this one process, no Ray
+    address: str | None = None  # None = the `ray job submit` cluster, else a new one on 127.0.0.1; or auto
+    num_workers: int = 1  # data-parallel workers; >= 1 (global batch = workers * batch_size * grad_accum)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; > 0
-    use_gpu: bool = False  # one GPU per worker (NCCL for gradients); false = CPU workers (gloo)
-    storage_path: str = "outputs/ray_results"  # checkpoints go to STORAGE/RUN_NAME; a local or NFS folder (relative = to the cwd) or s3://, gs:// on a cluster
-    run_name: str | None = None  # the run's folder under storage_path; None = the name of train.output_dir
-    checkpoint_every: int = 50  # persist a checkpoint every N optimizer steps and at the last one; >= 1
+    use_gpu: bool = False  # one GPU per worker, NCCL for gradients; false = CPU workers (gloo)
+    storage_path: str | None = None  # checkpoints in STORAGE/RUN; None = ray_results beside train.output_dir
+    run_name: str | None = None  # the run's folder under storage_path; None = train.output_dir's name
+    checkpoint_every: int = 50  # persist a checkpoint every N optimizer steps and at the last; >= 1
     keep_checkpoints: int = 2  # newest checkpoints kept in storage; >= 1
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint; -1 = no limit
-    resume: bool = False  # continue run_name from its last checkpoint (same MLflow run); false starts it over
+    resume: bool = False  # continue run_name from its last checkpoint (same MLflow run); false = start over
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers}: use >= 1")
         _check(self.cpus_per_worker > 0, f"ray.cpus_per_worker={self.cpus_per_worker}: use > 0 (e.g. 0.5)")
         _check(
             self.address is None or bool(self.address.strip()),
-            "ray.address is empty: use null (local or job cluster), auto, or ray://HEAD:10001",
+            "ray.address is empty: use null (local or job cluster), auto, or HEAD_IP:6379",
         )
-        _check(bool(self.storage_path), "ray.storage_path is empty: give a writable folder or an s3:// URI")
+        _check(
+            self.storage_path is None or bool(self.storage_path),
+            "ray.storage_path is empty: give a writable folder, an s3:// URI, or null",
+        )
         _check(
             self.run_name is None or (bool(self.run_name.strip()) and "/" not in self.run_name),
             f"ray.run_name={self.run_name!r}: use a plain folder name (no '/') or null",

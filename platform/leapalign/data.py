@@ -36,6 +36,11 @@ def load_prompts(path: str) -> list[str]:
             raise ValueError(
                 f"prompt file {file} is not a readable Parquet file ({err}); regenerate it"
             ) from None
+        if "category" in table.column_names:
+            # A miniature-world prompt file: every caption is checked against the world's vocabulary.
+            from leapalign.world.prompts import read_prompts
+
+            return [record.prompt for record in read_prompts(file)]
         if "prompt" not in table.column_names:
             raise ValueError(f"prompt file {file} has no `prompt` column (columns: {table.column_names})")
         prompts = [str(p).strip() for p in table.column("prompt").to_pylist() if p is not None]

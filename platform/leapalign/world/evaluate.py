@@ -50,7 +50,9 @@ def load_policy_for_eval(cfg: Config, run_dir: Path | None = None, device: str |
     if run_dir is None:
         return policy
     name = "lora" if cfg.finetune.mode == "lora" else "transformer"
-    weights = run_dir / f"{name}_ema" if cfg.eval.use_ema and (run_dir / f"{name}_ema").exists() else run_dir / name
+    weights = (
+        run_dir / f"{name}_ema" if cfg.eval.use_ema and (run_dir / f"{name}_ema").exists() else run_dir / name
+    )
     if not weights.exists():
         raise FileNotFoundError(f"no trained weights in {weights}: did the run finish?")
     if cfg.finetune.mode == "lora":
@@ -114,7 +116,12 @@ def save_comparison(before: EvalResult, after: EvalResult, out_dir: Path, num_co
     """eval.json (both results) and eval_before_after.png (same prompts and noise, base vs aligned)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
-        stage: {"overall": r.overall, "image_accuracy": r.image_accuracy, "per_category": r.per_category, "n": r.n}
+        stage: {
+            "overall": r.overall,
+            "image_accuracy": r.image_accuracy,
+            "per_category": r.per_category,
+            "n": r.n,
+        }
         for stage, r in (("before", before), ("after", after))
     }
     json_path = out_dir / "eval.json"

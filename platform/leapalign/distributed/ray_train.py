@@ -1,0 +1,441 @@
+"""Ray Train execution: `train()` on N TorchTrainer workers, one MLflow run, checkpoints in Ray storage.
+
+    leapalign train experiments/tiny_demo.yaml ray.num_workers=2 ray.cpus_per_worker=0.5
+    leapalign train experiments/tiny_demo.yaml train.iterations=20 ray.resume=true   # continue a stopped run
+
+Driver (`run_on_ray`): check what a user can get wrong (model folder, prompts, reward, tracking server,
+storage path) before any work; start or join a Ray cluster; create (or, resuming, reattach to) the MLflow
+run; fit a TorchTrainer (Train V2); close the run. Workers (`train_worker`): Ray has set up
+torch.distributed (gloo on CPU; gloo + NCCL on GPU); each calls `train()` with a TorchDistContext, which
+averages gradients over the workers exactly as DDP does. Full fine-tuning replicates the weights the same
+way (no FSDP sharding on this path: see README, "Ray").
+
+Checkpoints: every ray.checkpoint_every steps and at the last step, every rank writes its full checkpoint
+(weights, optimizer, EMA, its own prompt-order and noise streams) as rank_<r>.pt; Ray merges the ranks'
+folders into STORAGE/RUN/checkpoint_<step>. A restarted worker group (FailureConfig(max_failures)) and a
+new `leapalign train ... ray.resume=true` (same STORAGE/RUN: Train V2 restores it) continue from the
+newest one with the same numbers an uninterrupted run would give.
+
+MLflow without duplicates: rank 0 holds step metrics back and writes them just before reporting the
+checkpoint that covers them. A step replayed after a failure was either never written (it came after the
+last flush) or written but not covered by a persisted checkpoint; rank 0 asks MLflow for the last step it
+holds when it starts and drops anything at or below it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
+
+from leapalign.config import Config, with_overrides
+from leapalign.data import load_prompts
+from leapalign.distributed.reward_actor import make_reward_fn
+from leapalign.models.flux import resolve_model_path
+from leapalign.rewards.base import build_reward
+from leapalign.tracking import MLflowTracker, NullTracker, Tracker, check_tracking_uri
+from leapalign.train import TorchDistContext, train
+
+log = logging.getLogger("leapalign")
+
+# Fault-injection hook for tests and drills: with LEAPALIGN_FAULT_EXIT_AT_STEP=N, rank
+# LEAPALIGN_FAULT_RANK (default 0) kills its process (os._exit(1), like an OOM kill) at the end of step N,
+# after flushing metrics and before reporting the step's checkpoint when one is due: the moment that
+# would duplicate MLflow metrics if anything did. LEAPALIGN_FAULT_MARKER names a file created first; an
+# existing file disarms the hook, so the fault happens once. The driver forwards these to the workers.
+FAULT_STEP_ENV = "LEAPALIGN_FAULT_EXIT_AT_STEP"
+FAULT_RANK_ENV = "LEAPALIGN_FAULT_RANK"
+FAULT_MARKER_ENV = "LEAPALIGN_FAULT_MARKER"
+
+RUN_RECORD = "leapalign_run.json"  # in STORAGE/RUN: the MLflow run a resumed run reattaches to
+STEP_METRIC = "time/step_s"  # in every step's metrics (applied or skipped): MLflow's last step is its max
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class RayRunResult:
+    metrics: dict[str, Any]  # rank 0's metrics at the newest checkpoint ("step", "loss", ...)
+    checkpoint_path: str | None  # newest checkpoint folder in storage
+    run_dir: str  # STORAGE/RUN: checkpoints, Ray's run state, the run record
+    output_dir: Path  # rank 0's run folder (config, metrics.jsonl, weights, grids)
+    run_id: str | None  # the MLflow run
+
+
+def run_on_ray(cfg: Config) -> RayRunResult:
+    """Train on Ray workers. User errors (ValueError, PermissionError, ...) are raised before any work."""
+    cfg = absolute_paths(cfg)
+    check_inputs(cfg)
+    storage = RunStorage(cfg.ray.storage_path, cfg.ray.run_name or Path(cfg.train.output_dir).name)
+    record = storage.read_record() if cfg.ray.resume else None
+    if cfg.ray.resume and record is None:
+        raise FileNotFoundError(
+            f"ray.resume=true but {storage.uri} holds no run to continue; drop ray.resume to start one, or "
+            f"set ray.storage_path / ray.run_name to the stopped run's"
+        )
+    storage.check_writable()
+    fault_env = fault_injection_env()
+    connected = connect_ray(cfg)
+    tracker: Tracker = NullTracker()
+    try:
+        check_cluster(
+            cfg, private=connected and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+        )
+        if not cfg.ray.resume:
+            storage.clear()  # Train V2 would otherwise resume a run folder of the same name
+        tracker = open_tracker(cfg, record)
+        storage.write_record({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri})
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": cfg, "run_id": tracker.run_id},
+            # CPU tensors (the all-ranks-step vote) go through gloo, CUDA gradients through NCCL.
+            torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if cfg.ray.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.ray.num_workers,
+                use_gpu=cfg.ray.use_gpu,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=storage.name,
+                storage_path=cfg.ray.storage_path,
+                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+                worker_runtime_env={"env_vars": fault_env} if fault_env else None,
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise_user_error(err)
+            raise
+    except BaseException as err:
+        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")  # resumable either way
+        raise
+    finally:
+        if connected:
+            ray.shutdown()
+    tracker.end("FINISHED")
+    return RayRunResult(
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        run_dir=storage.uri,
+        output_dir=Path(cfg.train.output_dir),
+        run_id=tracker.run_id,
+    )
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Workers need not start in the driver's folder: pin relative local paths to the driver's cwd.
+
+    ray.storage_path unset: ray_results beside the output folder (outputs/ray_results/RUN for outputs/RUN).
+
+    Paths that only exist inside the installed package (shipped prompt files) stay relative: each worker
+    resolves them against its own install.
+    """
+    output_dir = os.path.abspath(cfg.train.output_dir)
+    updates: dict[str, Any] = {"train.output_dir": output_dir}
+    if cfg.ray.storage_path is None:
+        updates["ray.storage_path"] = os.path.join(os.path.dirname(output_dir), "ray_results")
+    elif "://" not in cfg.ray.storage_path:
+        updates["ray.storage_path"] = os.path.abspath(cfg.ray.storage_path)
+    for key, value, exists in (
+        ("model.path", cfg.model.path, Path(cfg.model.path).expanduser().is_dir()),
+        ("train.prompts", cfg.train.prompts, Path(cfg.train.prompts).expanduser().is_file()),
+    ):
+        if exists:
+            updates[key] = str(Path(value).expanduser().resolve())
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        updates["tracking.uri"] = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+    return with_overrides(cfg, updates)
+
+
+def check_inputs(cfg: Config) -> None:
+    """What the workers would otherwise fail on after minutes (and max_failures retries) fails here."""
+    resolve_model_path(cfg.model.path)
+    load_prompts(cfg.train.prompts)
+    if not cfg.reward.actor:  # built once here to check name and options; served rewards are checked later
+        build_reward(cfg.reward.name, cfg.reward.options)
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.uri)
+    if os.environ.get(FAULT_STEP_ENV) and not os.environ.get(FAULT_MARKER_ENV):
+        raise ValueError(
+            f"{FAULT_STEP_ENV} needs {FAULT_MARKER_ENV}=FILE, or the fault repeats on every restart"
+        )
+
+
+class RunStorage:
+    """STORAGE/RUN on a local folder, NFS or an object store, through pyarrow.fs as Ray Train uses it."""
+
+    def __init__(self, storage_path: str, name: str):
+        import pyarrow.fs
+
+        self.name = name
+        self.uri = f"{storage_path.rstrip('/')}/{name}"
+        self.fs, self.path = pyarrow.fs.FileSystem.from_uri(self.uri)
+
+    def check_writable(self) -> None:
+        probe = f"{self.path}/.leapalign_write_test"
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+        except OSError as err:
+            raise PermissionError(
+                f"ray.storage_path: cannot write checkpoints to {self.uri} ({err}); choose a folder you can "
+                f"write to (on a multi-node cluster: shared storage such as NFS or s3://bucket/path)"
+            ) from None
+
+    def read_record(self) -> dict[str, Any] | None:
+        import pyarrow.fs
+
+        if self.fs.get_file_info(f"{self.path}/{RUN_RECORD}").type != pyarrow.fs.FileType.File:
+            return None
+        with self.fs.open_input_stream(f"{self.path}/{RUN_RECORD}") as f:
+            return json.loads(f.read().decode())
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        with self.fs.open_output_stream(f"{self.path}/{RUN_RECORD}") as f:
+            f.write(json.dumps(record).encode())
+
+    def clear(self) -> None:
+        import pyarrow.fs
+
+        if self.fs.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True)):
+            log.warning("ray.resume=false: starting %s over (its old checkpoints are removed)", self.uri)
+            self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+
+
+def fault_injection_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in (FAULT_STEP_ENV, FAULT_RANK_ENV, FAULT_MARKER_ENV) if k in os.environ}
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Join or start a Ray cluster; True when this call did (and must disconnect), False when reusing one.
+
+    ray.address unset: under `ray job submit` (RAY_ADDRESS set) the job's cluster, else a new private
+    cluster on this machine that lives as long as this process.
+    """
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        import ray._private.ray_constants as ray_constants
+
+        # On Linux Ray binds a node to the host's routable address, even when given 127.0.0.1, unless it
+        # believes multi-node clusters are off; then every process of this private cluster listens on
+        # 127.0.0.1 only. The constant is read at import, so it is set for this process and its children.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        # The dashboard (127.0.0.1 only) serves the State API that Train V2's placement-group cleaner polls;
+        # without it the cleaner logs a warning every few seconds.
+        ray.init(
+            address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+        )
+    else:
+        ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+    return True
+
+
+def check_cluster(cfg: Config, private: bool) -> None:
+    """Resources a private cluster can never grow into, and a named reward actor that is not running.
+
+    A shared cluster may add nodes (autoscaling), so there Ray Train waits for resources instead.
+    """
+    if private:
+        total = ray.cluster_resources()
+        need_cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        if need_cpus > total.get("CPU", 0) + 1e-9:
+            raise ValueError(
+                f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs "
+                f"{need_cpus:g} CPUs but this machine has {total.get('CPU', 0):g}: lower either (e.g. "
+                f"ray.cpus_per_worker=0.5)"
+            )
+        if cfg.ray.use_gpu and cfg.ray.num_workers > total.get("GPU", 0):
+            raise ValueError(
+                f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers} needs that many GPUs; this "
+                f"machine has {total.get('GPU', 0):g}: set ray.use_gpu=false or fewer workers"
+            )
+    if cfg.reward.actor:
+        try:
+            ray.get_actor(cfg.reward.actor, namespace=cfg.reward.namespace)
+        except ValueError:
+            raise ValueError(
+                f"reward.actor={cfg.reward.actor!r} is not running in namespace {cfg.reward.namespace!r}: start "
+                f"it with `python -m reward_servers.serve {cfg.reward.actor}` first"
+            ) from None
+
+
+def open_tracker(cfg: Config, record: dict[str, Any] | None) -> Tracker:
+    """The run's one MLflow run: new, or the stopped run's (from the run record) when resuming."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    run_id = record.get("mlflow_run_id") if record else None
+    if run_id is None:
+        return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id)
+    except MlflowException as err:
+        raise ValueError(
+            f"ray.resume=true: MLflow run {run_id} of this run is not in tracking.uri={cfg.tracking.uri} "
+            f"({err.message}); resume with the tracking.uri it started with: {record.get('tracking_uri')}"
+        ) from None
+
+
+def raise_user_error(err: Exception) -> None:
+    """A worker's bad-input error (e.g. an unknown reward option) as itself, so the CLI prints one line."""
+    for _, failure in sorted(getattr(err, "worker_failures", {}).items()):
+        cause = getattr(failure, "cause", failure)  # RayTaskError carries the worker's exception as .cause
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class CheckpointAlignedTracker:
+    """Rank 0's tracker: params and artifacts go straight to MLflow; step metrics wait for a checkpoint.
+
+    `flush` writes the held steps; call it right before reporting the checkpoint that covers them. Steps at
+    or below the last one MLflow already holds (replays after a failure) are dropped on arrival.
+    """
+
+    def __init__(self, tracker: MLflowTracker):
+        self.tracker = tracker
+        self.run_id = tracker.run_id
+        history = tracker.client.get_metric_history(tracker.run_id, STEP_METRIC)
+        self.logged_through = max((m.step for m in history), default=0)
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.logged_through:
+            self.pending.append((step, dict(metrics)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(path, artifact_path)
+
+    def flush(self) -> None:
+        for step, metrics in self.pending:
+            self.tracker.log_metrics(metrics, step)
+            self.logged_through = step
+        self.pending.clear()
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass  # the driver owns the run's status
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: `train()` over torch.distributed; checkpoints to Ray, metrics to MLflow."""
+    from leapalign.cli import _quiet_libraries
+
+    cfg: Config = loop_config["cfg"]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    dist = TorchDistContext()
+    rank = dist.rank
+    tracker: Tracker = NullTracker()
+    if rank == 0 and loop_config["run_id"] is not None:
+        tracker = CheckpointAlignedTracker(
+            MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=loop_config["run_id"])
+        )
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext() as checkpoint_dir:
+        resume_from = None
+        if checkpoint_dir is not None:
+            resume_from = Path(checkpoint_dir) / f"rank_{rank}.pt"
+            meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+            if not resume_from.is_file():
+                raise ValueError(
+                    f"checkpoint {checkpoint.path} was written by {meta['num_workers']} workers and has no "
+                    f"{resume_from.name}: resume with ray.num_workers={meta['num_workers']}"
+                )
+            if rank == 0:
+                trim_metrics_log(Path(cfg.train.output_dir) / "metrics.jsonl", meta["step"])
+            if isinstance(tracker, CheckpointAlignedTracker):  # an event log: one point per resume
+                tracker.tracker.log_metrics({"ray/resumed_from_step": meta["step"]}, step=meta["step"])
+        train(
+            cfg,
+            reward_fn=make_reward_fn(cfg.reward),
+            tracker=tracker,
+            dist=dist,
+            resume_from=resume_from,
+            on_step_end=checkpoint_hook(cfg, dist, tracker),
+            device=str(get_device()),
+            progress=False,
+        )
+    if isinstance(tracker, CheckpointAlignedTracker):
+        tracker.flush()
+
+
+def checkpoint_hook(
+    cfg: Config, dist: TorchDistContext, tracker: Tracker
+) -> Callable[[int, dict[str, float], Callable[[Path], None]], None]:
+    """train()'s on_step_end: progress line, and every checkpoint_every steps a checkpoint report.
+
+    ray.train.report is a barrier in Train V2: every rank calls it at the same steps, each with its own
+    folder (rank_<r>.pt); Ray merges them into one checkpoint_<step> folder in storage.
+    """
+
+    def on_step_end(step: int, metrics: dict[str, float], save_checkpoint: Callable[[Path], None]) -> None:
+        if dist.is_main:
+            shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "reward/mean") if k in metrics)
+            log.info("step %d/%d %s", step, cfg.train.iterations, shown or "skipped")
+        if step % cfg.ray.checkpoint_every and step != cfg.train.iterations:
+            maybe_inject_fault(step, dist.rank)
+            return
+        with tempfile.TemporaryDirectory(prefix="leapalign-ckpt-", ignore_cleanup_errors=True) as tmp:
+            save_checkpoint(Path(tmp) / f"rank_{dist.rank}.pt")
+            if dist.is_main:
+                meta = {"step": step, "num_workers": dist.world_size}
+                (Path(tmp) / "meta.json").write_text(json.dumps(meta))
+            if isinstance(tracker, CheckpointAlignedTracker):
+                tracker.flush()
+            maybe_inject_fault(step, dist.rank)
+            ray.train.report(
+                {"step": step, **metrics},
+                checkpoint=Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"checkpoint_{step:06d}",
+            )
+
+    return on_step_end
+
+
+def maybe_inject_fault(step: int, rank: int) -> None:
+    """The fault-injection hook described at FAULT_STEP_ENV; a no-op unless that variable is set."""
+    if os.environ.get(FAULT_STEP_ENV) != str(step) or int(os.environ.get(FAULT_RANK_ENV, "0")) != rank:
+        return
+    marker = Path(os.environ[FAULT_MARKER_ENV])
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return
+    log.warning("fault injection: rank %d exits at step %d (%s=%s)", rank, step, FAULT_STEP_ENV, step)
+    os._exit(1)
+
+
+def trim_metrics_log(path: Path, through_step: int) -> None:
+    """Drop metrics.jsonl lines after the checkpoint's step: those steps run again and train() appends."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= through_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)

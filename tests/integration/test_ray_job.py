@@ -1,0 +1,153 @@
+"""`ray job submit` end to end: a token-authenticated head on 127.0.0.1, the README's submit command, the
+job's MLflow run with the pinned two-step losses. About 1.5 minutes on two cores.
+
+The head runs as `ray start --head --block` and is stopped by signalling that process, which takes down
+exactly the processes it started. `ray stop` would stop every Ray process on the machine, other
+sessions' clusters included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_overrides
+from tests.unit.test_cli_and_config import EXPECTED_TWO_STEP_LOSSES
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def token_head():
+    """A one-node Ray cluster on 127.0.0.1 (GCS, dashboard and workers), token auth, 2 CPUs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this cluster's own token; ~/.ray/auth_token is untouched
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every process listens on 127.0.0.1 (see connect_ray)
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is the venv's
+    }
+    # Every port is picked free: Ray's fixed defaults (agent 52365, client 10001, ...) clash with any other
+    # cluster on this machine, and a clash leaves the head without a job agent.
+    ports = {
+        name: free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "ray-client-server-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
+    }
+    # Unix socket paths under the temp dir must stay short (about 100 characters): not pytest's tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="lray-", dir="/tmp")
+    command = [str(VENV_BIN / "ray"), *"start --head --block --node-ip-address 127.0.0.1".split()]
+    command += [*"--dashboard-host 127.0.0.1 --num-cpus 2 --disable-usage-stats --temp-dir".split(), temp_dir]
+    command += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115  (closed in finally)
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 120
+        while ray_cli("job", "list", "--address", address, env=env, timeout=60).returncode != 0:
+            assert head.poll() is None, (
+                f"ray start exited {head.returncode}: {Path(log.name).read_text()[-2000:]}"
+            )
+            assert time.monotonic() < deadline, f"no dashboard at {address} after 120 s"
+            time.sleep(2)
+        unauthenticated = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        unauthenticated["RAY_AUTH_TOKEN_PATH"] = os.devnull
+        denied = ray_cli("job", "list", "--address", address, env=unauthenticated, timeout=60)
+        said = (denied.stdout + denied.stderr).lower()
+        assert denied.returncode != 0 and "token" in said, f"a client without the token got in: {said[-600:]}"
+        yield address, env
+    finally:
+        # `ray start --block` drains and stops the processes it started on SIGTERM (up to 30 s when a
+        # job's workers linger); anything left in its session (this cluster only) is killed after 5 s.
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_and_logs_one_mlflow_run(token_head, tiny_flux_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    address, env = token_head
+    values = {
+        "train.iterations": 2,
+        "train.num_samples": 1,
+        "sampler.eval_num_steps": 2,
+        "ray.cpus_per_worker": 0.5,
+        "tracking.enabled": "true",
+        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",  # absolute: the job runs in an unpacked copy
+    }
+    out = tmp_path / "run"
+    # The README's command: the repo as the working dir (.gitignore'd .venv, outputs and caches stay home).
+    # Right after start-up the jobs API may answer before its agent is up: retry that, nothing else.
+    deadline = time.monotonic() + 90
+    while True:
+        submit = ray_cli(
+            "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", "tiny-job",
+            "--", sys.executable, "-m", "leapalign", "train", "experiments/tiny_demo.yaml",
+            *tiny_overrides(tiny_flux_dir, out, **values),
+            env=env,
+            timeout=420,
+        )  # fmt: skip
+        if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    status = ray_cli("job", "status", "--address", address, "tiny-job", env=env, timeout=60)
+    assert "Job 'tiny-job' succeeded" in status.stdout, (
+        f"job status: {status.stdout[-500:]}\nsubmit output: {submit.stdout[-3000:]}{submit.stderr[-2000:]}"
+    )
+    assert "done: step 2/2 on 1 Ray worker(s)" in submit.stdout, f"job log: {submit.stdout[-2000:]}"
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", f"MLflow runs: {[r.info for r in runs]}"
+    run_id = runs[0].info.run_id
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert [s for s, _ in losses] == [1, 2], f"MLflow loss steps {losses}"
+    assert [v for _, v in losses] == pytest.approx(EXPECTED_TWO_STEP_LOSSES, rel=1e-6, abs=1e-7), (
+        f"the job's losses {losses} vs the pinned single-process ones {EXPECTED_TWO_STEP_LOSSES}"
+    )
+    logged = {a.path for a in client.list_artifacts(run_id)}
+    for name in ("config.yaml", "lora", "lora_ema", "samples", "metrics.jsonl"):
+        assert name in logged, f"artifact {name} missing: {sorted(logged)}"
+    assert (tmp_path / "ray_results" / "run" / "checkpoint_000002" / "rank_0.pt").is_file(), (
+        "the final checkpoint is beside the output folder"
+    )

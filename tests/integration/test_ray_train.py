@@ -1,0 +1,234 @@
+"""Ray Train on a real local cluster (127.0.0.1, 2 CPUs), a real MLflow sqlite store and the tiny Flux.
+
+One worker reproduces the single-process loop exactly; two workers hold identical weights after every
+step; a killed worker and a stopped run both continue from the last checkpoint, with every MLflow step
+logged exactly once; bad storage and an unreachable tracking server fail before any work. About 3 minutes
+on two cores, most of it starting worker processes (torch + diffusers imports).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from leapalign.config import load_config
+from leapalign.distributed.ray_train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
+from leapalign.train import train
+from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+
+BASELINE_STEPS = 6
+# Smaller sample grids (they never touch the training draws) and half a CPU per worker (2 cores).
+FAST = {"train.num_samples": 1, "sampler.eval_num_steps": 2, "ray.cpus_per_worker": 0.5}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray on 127.0.0.1 only (see connect_ray for why the OS-cluster switch is needed)."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # notices a dead worker sooner
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        context = ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            ip = context.address_info["node_ip_address"]
+            assert ip == "127.0.0.1", f"Ray bound to {ip}, expected 127.0.0.1 only"
+            yield context
+        finally:
+            ray.shutdown()
+
+
+def tiny_cfg(model_dir: Path, tmp: Path, **extra):
+    values = {
+        "tracking.enabled": "true",
+        "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+        "ray.storage_path": str(tmp / "ray_results"),
+        **FAST,
+        **extra,
+    }
+    return load_config(TINY_CONFIG, tiny_overrides(model_dir, tmp / "run", **values))
+
+
+@pytest.fixture(scope="module")
+def baseline_losses(tiny_flux_dir, tmp_path_factory) -> list[float]:
+    """The single-process loop (no Ray), same config and seed: the numbers every Ray run must give."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    cfg = tiny_cfg(tiny_flux_dir, tmp, **{"train.iterations": BASELINE_STEPS, "tracking.enabled": "false"})
+    history = train(cfg, progress=False).history
+    assert not any(m["skipped"] for m in history), "the baseline must apply every step"
+    return [m["loss"] for m in history]
+
+
+def metric_steps(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def only_run(tmp: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny-demo").experiment_id])
+    assert len(runs) == 1, f"one training run must make one MLflow run, found {len(runs)}"
+    return client, runs[0]
+
+
+def test_one_worker_equals_single_process(ray_cluster, baseline_losses, tiny_flux_dir, tmp_path):
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"train.iterations": 3, "ray.checkpoint_every": 2})
+    result = run_on_ray(cfg)
+
+    assert result.metrics["step"] == 3, f"last reported step {result.metrics.get('step')}"
+    assert result.checkpoint_path.endswith("checkpoint_000003"), f"newest checkpoint {result.checkpoint_path}"
+    client, run = only_run(tmp_path)
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED", f"{run.info}"
+    losses = metric_steps(client, run.info.run_id, "loss")
+    assert [s for s, _ in losses] == [1, 2, 3], f"MLflow loss steps {losses}"
+    assert [v for _, v in losses] == pytest.approx(baseline_losses[:3], rel=1e-6, abs=1e-7), (
+        f"Ray (1 worker) {losses} vs single process {baseline_losses[:3]}"
+    )
+    assert run.data.params["ray.num_workers"] == "1", "the resolved config is logged as params"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    logged |= {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    for name in ("config.yaml", "metrics.jsonl", "lora", "lora_ema", "samples/samples_before.png"):
+        assert name in logged, f"artifact {name} missing from the MLflow run: {sorted(logged)}"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3], "rank 0 writes the run folder's metrics.jsonl"
+
+
+def test_two_workers_hold_identical_weights_after_every_step(
+    ray_cluster, baseline_losses, tiny_flux_dir, tmp_path
+):
+    cfg = tiny_cfg(
+        tiny_flux_dir,
+        tmp_path,
+        **{
+            "train.iterations": 2,
+            "ray.num_workers": 2,
+            "ray.checkpoint_every": 1,
+            "ray.keep_checkpoints": 2,
+            "tracking.enabled": "false",
+        },
+    )
+    result = run_on_ray(cfg)
+
+    assert result.metrics["step"] == 2, f"last reported step {result.metrics.get('step')}"
+    for step in (1, 2):
+        folder = Path(result.run_dir) / f"checkpoint_{step:06d}"
+        rank0, rank1 = (torch.load(folder / f"rank_{r}.pt", weights_only=False) for r in (0, 1))
+        assert rank0["step"] == rank1["step"] == step, f"{folder}: steps {rank0['step']}, {rank1['step']}"
+        diffs = [(a - b).abs().max().item() for a, b in zip(rank0["params"], rank1["params"], strict=True)]
+        assert max(diffs) == 0.0, f"step {step}: trained weights differ across ranks by up to {max(diffs)}"
+        moments = [
+            (rank0["optimizer"]["state"][i]["exp_avg"] - rank1["optimizer"]["state"][i]["exp_avg"])
+            .abs()
+            .max()
+            for i in rank0["optimizer"]["state"]
+        ]
+        assert max(moments).item() == 0.0, f"step {step}: AdamW moments differ across ranks"
+        assert not torch.equal(rank0["randomness"]["noise"], rank1["randomness"]["noise"]), (
+            f"step {step}: both ranks drew the same noise; data parallel needs different draws"
+        )
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    # Rank 0 draws what the single process draws, so step 1 (before any update) matches; step 2 follows
+    # the gradient averaged with rank 1's different prompts, so it must not.
+    assert losses[0] == pytest.approx(baseline_losses[0], rel=1e-6), f"step 1: {losses[0]}"
+    assert abs(losses[1] - baseline_losses[1]) > 1e-6, (
+        f"step 2 equals the 1-worker loss {baseline_losses[1]}: were the gradients averaged at all?"
+    )
+
+
+def test_killed_worker_and_stopped_run_continue_from_the_last_checkpoint(
+    ray_cluster, baseline_losses, tiny_flux_dir, tmp_path, monkeypatch
+):
+    # 1. Rank 0 dies at step 4, after flushing steps 3-4 to MLflow but before checkpoint 4 is reported:
+    #    Ray restarts the worker group from checkpoint 2, and the replayed steps 3-4 must not log twice.
+    marker = tmp_path / "fault.marker"
+    monkeypatch.setenv(FAULT_STEP_ENV, "4")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
+    extra = {"ray.checkpoint_every": 2, "ray.max_failures": 1, "ray.keep_checkpoints": 5}
+    result = run_on_ray(tiny_cfg(tiny_flux_dir, tmp_path, **{"train.iterations": 4, **extra}))
+    assert marker.exists(), "the fault-injection hook never fired"
+    assert result.metrics["step"] == 4, f"after the restart the run must finish: {result.metrics}"
+
+    # 2. The run stopped at its iteration limit; resume it with a higher one: it continues at step 5.
+    monkeypatch.delenv(FAULT_STEP_ENV)
+    cfg = tiny_cfg(
+        tiny_flux_dir, tmp_path, **{"train.iterations": BASELINE_STEPS, "ray.resume": "true", **extra}
+    )
+    result = run_on_ray(cfg)
+    assert result.metrics["step"] == BASELINE_STEPS, f"resumed run ended at {result.metrics}"
+
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED", f"the one MLflow run ends FINISHED, not {run.info.status}"
+    resumes = metric_steps(client, run.info.run_id, "ray/resumed_from_step")
+    assert resumes == [(2, 2.0), (4, 4.0)], f"expected resumes from step 2 (fault) and 4 (stop): {resumes}"
+    for key in ("loss", "reward/mean", "time/step_s", "grad_norm"):
+        steps = [s for s, _ in metric_steps(client, run.info.run_id, key)]
+        assert steps == list(range(1, BASELINE_STEPS + 1)), (
+            f"{key}: MLflow steps {steps}, want 1..6 once each"
+        )
+    losses = [v for _, v in metric_steps(client, run.info.run_id, "loss")]
+    assert losses == pytest.approx(baseline_losses, rel=1e-6, abs=1e-7), (
+        f"interrupted twice {losses} vs uninterrupted single process {baseline_losses}"
+    )
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, BASELINE_STEPS + 1)), "metrics.jsonl replays once"
+
+
+# ----------------------------------------------------------------------------- bad input, through the CLI
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize("case", ["unreachable tracking server", "storage under a file", "nothing to resume"])
+def test_bad_ray_input_fails_before_any_work(tiny_flux_dir, tmp_path, case):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    storage = tmp_path / "ray_results"
+    extra, message = {
+        "unreachable tracking server": (
+            {"tracking.uri": f"http://127.0.0.1:{closed_port()}"},
+            "is unreachable",
+        ),
+        "storage under a file": (
+            {"ray.storage_path": str(blocker / "ray_results")},
+            "cannot write checkpoints",
+        ),
+        "nothing to resume": ({"ray.resume": "true"}, "holds no run to continue"),
+    }[case]
+    values = {"tracking.enabled": "true", "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    values |= {"ray.storage_path": str(storage), **extra}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leapalign",
+            "train",
+            str(TINY_CONFIG),
+            *tiny_overrides(tiny_flux_dir, out, **values),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, f"{case}: exit code {proc.returncode}, stderr {proc.stderr[-1500:]}"
+    assert message in proc.stderr, f"{case}: want {message!r} in {proc.stderr[-800:]!r}"
+    assert "Traceback" not in proc.stderr, f"{case}: a user error must not print a traceback"
+    assert "Started a local Ray instance" not in proc.stderr, f"{case}: Ray must not start"
+    assert not out.exists(), f"{case}: no run folder"
+    assert not (tmp_path / "mlflow.db").exists(), f"{case}: no MLflow store or run"
+    assert not storage.exists(), f"{case}: nothing written to ray.storage_path"
