@@ -40,6 +40,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
+    if cfg.train.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.torch_threads)
+    check_inputs(cfg)
     # Held-out accuracy of the base model first: a bad eval prompt file fails before any training.
     before = _evaluate(cfg) if cfg.eval.prompts else None
     run_id, output_dir = train_on_ray(cfg) if cfg.ray.enabled else train_locally(cfg)
@@ -48,13 +53,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_inputs(cfg: Config) -> None:
+    """Prompt files and the model folder, read before anything is evaluated, tracked or written."""
+    from leapalign.data import load_prompts
+    from leapalign.models.flux import resolve_model_path
+
+    resolve_model_path(cfg.model.path)
+    load_prompts(cfg.train.prompts)
+    if cfg.eval.prompts:
+        from leapalign.world.evaluate import load_eval_prompts
+
+        load_eval_prompts(cfg)
+
+
 def train_locally(cfg: Config) -> tuple[str | None, Path]:
     """This process, no Ray."""
     from leapalign.train import make_tracker, train
 
+    reward_fn = None
+    if cfg.reward.actor:  # a served reward: the only Ray this path touches (imported lazily)
+        from leapalign.distributed.reward_actor import make_reward_fn
+
+        reward_fn = make_reward_fn(cfg.reward)
     tracker = make_tracker(cfg)
     try:
-        result = train(cfg, tracker=tracker)
+        result = train(cfg, reward_fn=reward_fn, tracker=tracker)
     except BaseException:
         tracker.end("FAILED")
         raise

@@ -202,6 +202,7 @@ class TrainConfig:
     sample_every: int = 0  # save a sample grid every N steps; 0 = only before and after
     num_samples: int = 4  # prompts in each sample grid; >= 1
     log_every: int = 1  # log metrics every N steps; >= 1
+    torch_threads: int = 0  # torch CPU threads per process; 0 keeps torch's default (1 avoids oversubscription on shared cores)
 
     def __post_init__(self) -> None:
         _check(self.iterations >= 1, f"train.iterations={self.iterations}: use >= 1")
@@ -210,6 +211,9 @@ class TrainConfig:
         _check(self.sample_every >= 0, f"train.sample_every={self.sample_every}: use >= 0")
         _check(self.num_samples >= 1, f"train.num_samples={self.num_samples}: use >= 1")
         _check(self.log_every >= 1, f"train.log_every={self.log_every}: use >= 1")
+        _check(
+            self.torch_threads >= 0, f"train.torch_threads={self.torch_threads}: use >= 0 (0 = torch default)"
+        )
         _check(bool(self.prompts), "train.prompts is empty: give a .txt or .parquet prompt file")
 
 

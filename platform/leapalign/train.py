@@ -346,6 +346,8 @@ def train(
     out_dir = Path(cfg.train.output_dir)
     prompts = load_prompts(cfg.train.prompts)
     reward_fn = reward_fn or build_reward(cfg.reward.name, cfg.reward.options)
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed)
     policy = setup_policy(cfg, device)
     params = trainable_parameters(policy.transformer)

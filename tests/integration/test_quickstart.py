@@ -1,0 +1,83 @@
+"""The quickstart (miniature world): same seed -> same numbers, evaluation logged, bad input refused.
+
+Runs the real entry point on experiments/quickstart.yaml with fewer steps and prompts; the full
+quickstart's accuracy gain over three seeds is measured by hand (README) since it takes minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+
+
+def run_quickstart(out_dir, db, *extra):
+    args = [
+        "train", str(QUICKSTART), "ray.enabled=false", "train.iterations=2", "eval.num_prompts=12",
+        "train.num_samples=2", f"train.output_dir={out_dir}", f"tracking.uri=sqlite:///{db}", *extra,
+    ]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "leapalign", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        proc = run_quickstart(tmp_path / name, tmp_path / "mlflow.db")
+        assert proc.returncode == 0, f"quickstart failed: {proc.stderr[-2000:]}"
+        assert "held-out accuracy" in proc.stdout and "overall" in proc.stdout, proc.stdout[-1500:]
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        evaluation = json.loads((tmp_path / name / "eval.json").read_text())
+        runs.append((metrics, evaluation))
+        assert (tmp_path / name / "eval_before_after.png").stat().st_size > 1000, "before/after grid missing"
+    (m_a, e_a), (m_b, e_b) = runs
+    losses = [m["loss"] for m in m_a]
+    assert len(losses) == 2 and all(loss >= 0 for loss in losses), f"losses {losses}"
+    assert losses == [m["loss"] for m in m_b], "same seed must give the same losses"
+    assert [m["reward/mean"] for m in m_a] == [m["reward/mean"] for m in m_b], "same seed, same rewards"
+    assert e_a == e_b, f"same seed must give the same held-out accuracy: {e_a} vs {e_b}"
+    assert 0.0 <= e_a["before"]["overall"] <= 1.0 and e_a["before"]["n"] == 12, f"eval summary {e_a}"
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart")
+    found = client.search_runs([experiment.experiment_id])
+    assert len(found) == 2, f"one MLflow run per quickstart, found {len(found)}"
+    logged = found[0].data.metrics
+    assert "eval/before/overall" in logged and "eval/after/overall" in logged, f"eval metrics: {sorted(logged)}"
+    assert logged["eval/before/overall"] == pytest.approx(e_a["before"]["overall"]), "MLflow holds eval.json's value"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("unknown_word", "unknown shape word 'hexagon'"),
+        ("corrupt", "not a readable Parquet file"),
+        ("empty", "no prompts"),
+    ],
+)
+def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, content, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "prompts.parquet"
+    if content == "unknown_word":
+        pq.write_table(pa.table({"prompt": ["a red hexagon"], "category": ["single_object"], "seed": [1]}), bad)
+    elif content == "corrupt":
+        bad.write_bytes(b"PAR1 this is not parquet")
+    else:
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), bad)
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    for key in ("train.prompts", "eval.prompts"):
+        proc = run_quickstart(out, db, f"{key}={bad}")
+        assert proc.returncode == 2, f"{key}: exit {proc.returncode}: {proc.stderr[-800:]}"
+        assert message in proc.stderr, f"{key}: expected {message!r} in {proc.stderr[-800:]!r}"
+        assert not out.exists() and not db.exists(), f"{key}: nothing may be written for a bad prompt file"
