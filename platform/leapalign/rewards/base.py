@@ -34,6 +34,7 @@ def register_reward(name: str):
 
 def build_reward(name: str, options: dict[str, Any] | None = None) -> RewardFn:
     """A reward from the registry by name; its options are the factory's keyword arguments."""
+    import leapalign.rewards.clip_score  # noqa: F401
     import leapalign.rewards.simple  # noqa: F401  (registers the built-in rewards)
 
     if name not in REWARDS:

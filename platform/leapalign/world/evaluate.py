@@ -15,13 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from leapalign.config import Config
+from leapalign.data import resolve_data_path
 from leapalign.images import make_grid, save_grid
 from leapalign.models.flux import FluxPolicy
 from leapalign.world.evaluator import evaluate_batch
 from leapalign.world.prompts import read_prompts
 from leapalign.world.scenes import parse_caption
 
-EVAL_SEED_OFFSET = 20_000  # evaluation noise never coincides with training noise
+EVAL_SEED = 20_000  # evaluation noise: the same for every run, apart from training's seeds
 
 
 @dataclass
@@ -40,7 +41,7 @@ class EvalResult:
 
 
 def load_eval_prompts(cfg: Config) -> list[str]:
-    records = read_prompts(cfg.eval.prompts)
+    records = read_prompts(resolve_data_path(cfg.eval.prompts))
     return [r.prompt for r in records[: cfg.eval.num_prompts]]
 
 
@@ -76,7 +77,8 @@ def evaluate_policy(policy: FluxPolicy, cfg: Config, prompts: list[str], desc: s
         for i in range(0, len(prompts), cfg.eval.batch_size)
     ]
     for batch_index, (r, batch) in enumerate(tqdm(batches, desc=desc)):
-        generator = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET + 1000 * r + batch_index)
+        # Fixed noise, independent of train.seed: every run and seed is scored on the same images' noise.
+        generator = torch.Generator().manual_seed(EVAL_SEED + 1000 * r + batch_index)
         images = policy.generate(
             batch,
             num_steps=cfg.sampler.eval_num_steps,
