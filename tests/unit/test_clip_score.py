@@ -59,7 +59,9 @@ def test_roc_auc_matches_pair_counting_with_many_ties():
     rng = np.random.default_rng(0)
     pos, neg = rng.integers(0, 5, size=37), rng.integers(0, 5, size=23)  # heavy ties
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
-    assert roc_auc(pos, neg) == pytest.approx(wins / (pos.size * neg.size), abs=1e-12), "U / (n+ n-) = pair win rate"
+    assert roc_auc(pos, neg) == pytest.approx(wins / (pos.size * neg.size), abs=1e-12), (
+        "U / (n+ n-) = pair win rate"
+    )
 
 
 # ------------------------------------------------------------------------------------------ ClipScore
@@ -67,8 +69,12 @@ def test_roc_auc_matches_pair_counting_with_many_ties():
 
 def test_clip_score_shape_gradient_and_frozen_weights(random_clip_dir):
     reward = ClipScore(random_clip_dir, device="cpu")
-    assert reward.image_mean.tolist() == pytest.approx(CLIP_IMAGE_MEAN), "no preprocessor_config -> CLIP defaults"
-    assert reward.scale == pytest.approx(reward.model.logit_scale.exp().item()), "default scale = logit_scale.exp()"
+    assert reward.image_mean.tolist() == pytest.approx(CLIP_IMAGE_MEAN), (
+        "no preprocessor_config -> CLIP defaults"
+    )
+    assert reward.scale == pytest.approx(reward.model.logit_scale.exp().item()), (
+        "default scale = logit_scale.exp()"
+    )
     images = torch.rand(3, 3, 40, 48, requires_grad=True)  # not the model's 32 px: exercises resize + crop
     rewards = reward(images, PROMPTS)
     assert rewards.shape == (3,), f"one reward per image, got {tuple(rewards.shape)}"
@@ -128,7 +134,9 @@ def test_hard_negatives_are_false_and_captions_true_by_the_exact_evaluator():
         image = render_scene(scene)
         negative, kind = sample_hard_negative(scene, parse_caption(scene.caption), rng)
         assert evaluate_image(image, scene.caption)["correct"], f"own caption must hold: {scene.caption!r}"
-        assert not evaluate_image(image, negative)["correct"], f"{kind} negative {negative!r} holds for {scene.caption!r}"
+        assert not evaluate_image(image, negative)["correct"], (
+            f"{kind} negative {negative!r} holds for {scene.caption!r}"
+        )
 
 
 def test_degrade_images_is_seeded_and_stays_in_range():
@@ -156,14 +164,18 @@ def test_train_and_save_refuses_a_non_empty_destination(tmp_path):
     (tmp_path / "taken" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not an empty folder"):
         train_and_save(tmp_path / "taken", TINY, ScorerRecipe(steps=1), progress=False)
-    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"], "the destination must be untouched"
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"], (
+        "the destination must be untouched"
+    )
 
 
 # ------------------------------------------------------------------------------- the shipped scorer
 
 
 def test_shipped_mini_scorer_ranks_matching_captions_above_hard_negatives():
-    assert (MINI_SCORER_DIR / "config.json").is_file(), f"train it: python -m leapalign.world.scorer --out {MINI_SCORER_DIR}"
+    assert (MINI_SCORER_DIR / "config.json").is_file(), (
+        f"train it: python -m leapalign.world.scorer --out {MINI_SCORER_DIR}"
+    )
     reward = build_reward("clip_score", {"path": str(MINI_SCORER_DIR), "device": "cpu"})
     pairs = build_eval_pairs(60, seed=123)  # held-out eval split: every prompt mentions a held-out pair
     images = render_batch([p["scene"] for p in pairs], 32)
@@ -171,5 +183,7 @@ def test_shipped_mini_scorer_ranks_matching_captions_above_hard_negatives():
         match = reward(images, [p["scene"].caption for p in pairs]).numpy()
         hard = reward(images, [p["hard"] for p in pairs]).numpy()
     margin, auc = float(np.mean(match - hard)), roc_auc(match, hard)
-    assert margin > 0, f"matching captions must score above one-edit negatives on average, margin {margin:.3f}"
+    assert margin > 0, (
+        f"matching captions must score above one-edit negatives on average, margin {margin:.3f}"
+    )
     assert auc >= 0.85, f"held-out hard-negative AUC {auc:.3f} < 0.85"

@@ -50,7 +50,9 @@ def resolve_model_path(path: str | Path) -> str:
         local = packaged
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"{local} has no config.json, so it is not a saved CLIPModel; {_HOW_TO_MAKE}")
+            raise FileNotFoundError(
+                f"{local} has no config.json, so it is not a saved CLIPModel; {_HOW_TO_MAKE}"
+            )
         return str(local)
     if local.exists():
         raise FileNotFoundError(f"{local} is a file, expected a CLIPModel folder; {_HOW_TO_MAKE}")
@@ -76,7 +78,9 @@ def read_image_stats(source: str) -> tuple[list[float], list[float]]:
     mean = [float(v) for v in config.get("image_mean", CLIP_IMAGE_MEAN)]
     std = [float(v) for v in config.get("image_std", CLIP_IMAGE_STD)]
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"{config_file}: image_mean/image_std must be 3 numbers each, std > 0; got {mean}, {std}")
+        raise ValueError(
+            f"{config_file}: image_mean/image_std must be 3 numbers each, std > 0; got {mean}, {std}"
+        )
     return mean, std
 
 
@@ -86,7 +90,9 @@ def preprocess_images(images: Tensor, image_size: int, image_mean: Tensor, image
     if (height, width) != (image_size, image_size):
         factor = image_size / min(height, width)
         new_h, new_w = max(image_size, round(height * factor)), max(image_size, round(width * factor))
-        images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        images = F.interpolate(
+            images, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+        )
         top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
         images = images[..., top : top + image_size, left : left + image_size]
     return (images - image_mean.view(1, 3, 1, 1)) / image_std.view(1, 3, 1, 1)
@@ -115,7 +121,9 @@ def check_images(images: Tensor, batch_size: int) -> None:
 class ClipScore:
     """Frozen CLIPModel reward: scale * cosine(image, prompt). Differentiable w.r.t. the images only."""
 
-    def __init__(self, path: str | Path = MINI_SCORER_DIR, scale: float | None = None, device: str | None = None):
+    def __init__(
+        self, path: str | Path = MINI_SCORER_DIR, scale: float | None = None, device: str | None = None
+    ):
         from transformers import AutoTokenizer, CLIPModel
 
         source = resolve_model_path(path)
@@ -136,7 +144,9 @@ class ClipScore:
         self.image_mean = torch.tensor(mean, dtype=self.dtype, device=self.device)
         self.image_std = torch.tensor(std, dtype=self.dtype, device=self.device)
         self.scale = float(self.model.logit_scale.exp()) if scale is None else float(scale)
-        self.max_length = min(int(self.tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings))
+        self.max_length = min(
+            int(self.tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings)
+        )
         self._text_embeds: dict[str, Tensor] = {}  # prompt -> normalised text_embeds [D]; constant (frozen)
 
     @torch.no_grad()
@@ -147,7 +157,9 @@ class ClipScore:
             tokens = self.tokenizer(
                 missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             ).to(self.device)
-            pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+            pooled = self.model.text_model(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            ).pooler_output
             text_embeds = F.normalize(self.model.text_projection(pooled), dim=-1)  # [M, D]
             self._text_embeds.update(zip(missing, text_embeds, strict=True))
         return torch.stack([self._text_embeds[p] for p in prompts])

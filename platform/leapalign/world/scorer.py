@@ -6,26 +6,41 @@ This module trains one: a real `transformers.CLIPModel` (ViT over 4 px patches o
 causal text transformer over the world's caption words) on generated data, and saves it as an HF
 folder that `leapalign.rewards.clip_score.ClipScore` loads exactly as it would load PickScore.
 
-Data (fresh every step, never the held-out pairs):
+Data (fresh every step, never a held-out pair):
   * images: training-split scenes (`sample_scene`, rejecting any that mention `HELD_OUT_PAIRS`)
     rendered at 32 px and degraded like an imperfect generator would (shift, blur, colour jitter,
     noise; `degrade_images`);
-  * captions: the scene's own caption; `HARD_NEGATIVES_PER_IMAGE` hard negatives, each the caption
+  * captions: the scene's own caption; `ScorerRecipe.hard_negatives` hard negatives, each the caption
     with ONE thing changed (an object's colour or shape, the count, the relation, or the two colours
     swapped: `sample_hard_negative`); and the other captions of the batch as random negatives. Hard
     negatives never mention held-out pairs either, so held-out combinations are absent from training
-    text as well as images.
+    text as well as images;
+  * shape-only images (`render_muted`): scenes whose objects have random muted colours, far from every
+    palette colour, used only by the auxiliary losses below.
 
 Loss (`scorer_loss`), with logits = logit_scale.exp() * cos(image, caption):
-  * CLIP's symmetric contrastive loss over the batch, with *multi-positive* targets: a caption of
-    another scene that is also true of this image ("a red circle" and "a circle that is red", or
-    "one red circle") is a positive, not a negative (`caption_truth_matrix`). Random batch captions
-    differ from the image in several attributes at once, so this term alone teaches words, not
-    binding or counting;
+  * CLIP's symmetric contrastive loss with *multi-positive* targets: a caption of another scene that
+    is also true of this image ("a red circle", "a circle that is red", "one red circle") is a
+    positive, not a negative (`caption_truth_matrix`); image -> text also ranks against every hard
+    negative in the batch (NegCLIP). Random captions differ from the image in several attributes at
+    once, so this term alone teaches words, not shapes, counts or binding;
   * a pairwise logistic (Bradley-Terry) term softplus(logit_neg - logit_match) per hard negative,
     i.e. BCE on the logit difference: it ranks the matching caption above captions one attribute
-    away, which is exactly what the held-out hard-negative AUC measures, and is the same objective
-    PickScore is trained with on human preference pairs.
+    away, which is what the held-out hard-negative AUC measures, and is the objective PickScore is
+    trained with on human preference pairs;
+  * a SigLIP-style sigmoid BCE against one learned threshold. The first two terms only compare
+    captions of the same image (a per-image shift of all scores changes nothing); a reward, and a
+    pooled ROC AUC, also compares images, so scores must share one scale.
+
+Auxiliary losses (training-only heads, discarded; labels name a colour OR a shape, never a pair).
+Without them the ViT learned shapes slowly and, worse, learned the training split's correlations:
+no red object is ever a triangle, so "red" became evidence against "triangle" and a linear probe
+for shape scored 3 % on held-out-pair images (chance 33 %) while scoring 92 % on training pairs:
+  * per patch of each shape-only image, the fraction covered by each shape (colour says nothing
+    about shape there, so shape features become colour-invariant: the probe rose to 97 % held-out);
+  * from the pooled state: the number of objects of each colour (palette images) and of each shape
+    (shape-only images), and the mean centre of each colour / shape, which counting and position
+    captions need and which a cosine can read linearly.
 
 Evaluation: ROC AUC (`roc_auc`, Mann-Whitney U with ties) on the held-out eval split of
 `build_prompt_sets` (every prompt mentions a held-out pair), matching vs one hard negative and
@@ -54,7 +69,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leapalign.world.evaluator import DetectedObject, relative_position
-from leapalign.world.prompts import HELD_OUT_PAIRS, PromptRecord, build_prompt_sets, mentions_held_out, regenerate_scene
+from leapalign.world.prompts import (
+    HELD_OUT_PAIRS,
+    PromptRecord,
+    build_prompt_sets,
+    mentions_held_out,
+    regenerate_scene,
+)
 from leapalign.world.scenes import (
     CATEGORIES,
     COLORS,
@@ -83,7 +104,7 @@ PROMPT_SEED = 0
 
 @dataclass(frozen=True)
 class ScorerSpec:
-    """Sizes of the tiny CLIPModel. Defaults: ~0.45M parameters, a ~1.8 MB safetensors file."""
+    """Sizes of the tiny CLIPModel. Defaults: 0.33M parameters, a 1.3 MB safetensors file."""
 
     image_size: int = 32  # px; the world renders 32 px for the miniature policy
     patch_size: int = 4  # px; 8x8 patches, fine enough for a 7 px triangle's outline
@@ -98,7 +119,9 @@ class ScorerSpec:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
         for hidden, heads in ((self.vision_hidden, self.vision_heads), (self.text_hidden, self.text_heads)):
             if hidden % heads:
                 raise ValueError(f"hidden size {hidden} must be a multiple of its head count {heads}")
@@ -129,7 +152,9 @@ class ScorerRecipe:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
-            raise ValueError(f"need steps >= 1 and batch_size >= 2 (contrastive), got {self.steps}, {self.batch_size}")
+            raise ValueError(
+                f"need steps >= 1 and batch_size >= 2 (contrastive), got {self.steps}, {self.batch_size}"
+            )
         if self.hard_negatives < 1:
             raise ValueError(f"hard_negatives must be >= 1, got {self.hard_negatives}")
         if len(self.kind_weights) != len(NEGATIVE_KINDS) or min(self.kind_weights) <= 0:
@@ -178,8 +203,8 @@ def build_scorer_model(spec: ScorerSpec, vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     model = CLIPModel(config)
     if spec.sincos_positions:
-        # Relations ("left of", "above") need patch positions; from random embeddings a ViT needs many
-        # more steps to discover the grid. Row 0 is the CLS token's and stays as initialised.
+        # Fixed 2D codes as the start for "where" (relations, the position loss) instead of noise; in
+        # short shape-learning probes it made no measurable difference. Row 0 (the CLS token) is kept.
         grid = spec.image_size // spec.patch_size
         with torch.no_grad():
             model.vision_model.embeddings.position_embedding.weight[1:] = sincos_2d(grid, spec.vision_hidden)
@@ -191,7 +216,9 @@ def sincos_2d(grid: int, dim: int) -> Tensor:
     if dim % 4:
         raise ValueError(f"sin-cos position codes need a hidden size divisible by 4, got {dim}")
     frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     angles_x = xs.reshape(-1, 1) * frequencies  # [N, dim/4]
     angles_y = ys.reshape(-1, 1) * frequencies
     return torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], dim=1)
@@ -199,7 +226,9 @@ def sincos_2d(grid: int, dim: int) -> Tensor:
 
 def encode_images(model, pixel_values: Tensor) -> Tensor:
     """Normalised image_embeds [B, D] (projected pooled CLS state, as CLIPModel.forward computes it)."""
-    return F.normalize(model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output), dim=-1)
+    return F.normalize(
+        model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output), dim=-1
+    )
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str]) -> Tensor:
@@ -226,7 +255,9 @@ def _holds(by_pair: dict[tuple[str, str], list[SceneObject]], parsed: ParsedCapt
     if parsed.relation is None:
         return True
     return all(
-        parsed.relation in relative_position(_as_detected(a), _as_detected(b)) for a in groups[0] for b in groups[1]
+        parsed.relation in relative_position(_as_detected(a), _as_detected(b))
+        for a in groups[0]
+        for b in groups[1]
     )
 
 
@@ -297,9 +328,12 @@ def sample_hard_negative(
 
     The kind is drawn among those that apply, uniformly or with `kind_weights` (in `NEGATIVE_KINDS` order).
     """
+
     def valid(edited: ParsedCaption) -> bool:
         try:
-            parse_caption(format_caption(edited))  # e.g. a position caption may not relate an object to itself
+            parse_caption(
+                format_caption(edited)
+            )  # e.g. a position caption may not relate an object to itself
         except ValueError:
             return False
         return not any(pair in exclude_pairs for pair in edited.pairs) and not caption_holds(scene, edited)
@@ -314,7 +348,9 @@ def sample_hard_negative(
     # Rare (held-out exclusions can rule out most edits): pick among every valid single edit.
     options = [(kind, edited) for kind, edited in enumerate_edits(parsed) if valid(edited)]
     if not options:
-        raise RuntimeError(f"no single edit of {scene.caption!r} gives a false caption outside {sorted(exclude_pairs)}")
+        raise RuntimeError(
+            f"no single edit of {scene.caption!r} gives a false caption outside {sorted(exclude_pairs)}"
+        )
     kind, edited = options[int(rng.integers(len(options)))]
     return format_caption(edited), kind
 
@@ -337,9 +373,13 @@ def enumerate_edits(parsed: ParsedCaption) -> list[tuple[str, ParsedCaption]]:
     if "count" in kinds:
         for count in COUNT_WORDS:
             if count != parsed.objects[0].count:
-                edits.append(("count", ParsedCaption(parsed.category, (replace(parsed.objects[0], count=count),))))
+                edits.append(
+                    ("count", ParsedCaption(parsed.category, (replace(parsed.objects[0], count=count),)))
+                )
     if "relation" in kinds:
-        edits.append(("relation", ParsedCaption(parsed.category, parsed.objects, FLIPPED_RELATION[parsed.relation])))
+        edits.append(
+            ("relation", ParsedCaption(parsed.category, parsed.objects, FLIPPED_RELATION[parsed.relation]))
+        )
     if "swap" in kinds:
         first, second = parsed.objects
         swapped = (replace(first, color=second.color), replace(second, color=first.color))
@@ -358,7 +398,9 @@ def sample_training_scene(rng: np.random.Generator, held_out: frozenset[tuple[st
 
 def render_batch(scenes: Sequence[Scene], resolution: int) -> Tensor:
     """Clean renders [B, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.stack([render_scene(scene, resolution) for scene in scenes])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([render_scene(scene, resolution) for scene in scenes])).permute(
+        0, 3, 1, 2
+    )
 
 
 def count_attributes(scene: Scene) -> list[int]:
@@ -375,7 +417,9 @@ def object_centres(scenes: Sequence[Scene], attribute: str, values: Sequence[str
         for v, value in enumerate(values):
             objects = [obj for obj in scene.objects if getattr(obj, attribute) == value]
             if objects:
-                centres[b, v] = torch.tensor([np.mean([o.cx for o in objects]), np.mean([o.cy for o in objects])])
+                centres[b, v] = torch.tensor(
+                    [np.mean([o.cx for o in objects]), np.mean([o.cy for o in objects])]
+                )
                 seen[b, v] = True
     return centres, seen
 
@@ -406,7 +450,9 @@ def render_shape_maps(scenes: Sequence[Scene], resolution: int) -> Tensor:
 
 def degrade_images(images: Tensor, generator: torch.Generator, spec: Degradation = Degradation()) -> Tensor:
     """Mimic an imperfect generator on [B, 3, H, W] in [0, 1]: shift, blur, colour jitter, noise (seeded)."""
-    return degrade_with_maps(images, images.new_zeros(images.shape[0], 0, *images.shape[2:]), generator, spec)[0]
+    return degrade_with_maps(
+        images, images.new_zeros(images.shape[0], 0, *images.shape[2:]), generator, spec
+    )[0]
 
 
 def degrade_with_maps(
@@ -560,7 +606,10 @@ def train_scorer(
         scenes = [sample_training_scene(rng, held_out) for _ in range(recipe.batch_size)]
         parsed = [parse_caption(scene.caption) for scene in scenes]
         negatives = [
-            [sample_hard_negative(s, p, rng, held_out, recipe.kind_weights)[0] for _ in range(recipe.hard_negatives)]
+            [
+                sample_hard_negative(s, p, rng, held_out, recipe.kind_weights)[0]
+                for _ in range(recipe.hard_negatives)
+            ]
             for s, p in zip(scenes, parsed, strict=True)
         ]
         texts = list(dict.fromkeys([s.caption for s in scenes] + [c for row in negatives for c in row]))
@@ -572,12 +621,19 @@ def train_scorer(
         # Shape-only images: scenes of any category with every object in a random muted colour (no
         # palette colour, hence no held-out pair). In the palette images colour predicts shape (no red
         # object is ever a triangle) and a ViT learns that shortcut; here colour says nothing about shape.
-        aux_scenes = [sample_scene(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))]) for _ in range(recipe.aux_batch_size)]
+        aux_scenes = [
+            sample_scene(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))])
+            for _ in range(recipe.aux_batch_size)
+        ]
         aux_images, aux_maps = degrade_with_maps(
-            render_muted(aux_scenes, rng, spec.image_size), render_shape_maps(aux_scenes, spec.image_size), generator
+            render_muted(aux_scenes, rng, spec.image_size),
+            render_shape_maps(aux_scenes, spec.image_size),
+            generator,
         )  # [A, 3, H, W], [A, 1 + len(SHAPES), H, W]
         # 2. One ViT pass over both; scores of every palette image against every caption in the batch.
-        pixel_values = preprocess_images(torch.cat([images, aux_images]), spec.image_size, image_mean, image_std)
+        pixel_values = preprocess_images(
+            torch.cat([images, aux_images]), spec.image_size, image_mean, image_std
+        )
         vision = model.vision_model(pixel_values=pixel_values)
         batch = len(scenes)
         image_embeds = F.normalize(model.visual_projection(vision.pooler_output[:batch]), dim=-1)  # [B, D]
@@ -598,9 +654,16 @@ def train_scorer(
         # palette images, objects of each shape in the shape-only images.
         count_logits = count_head(vision.pooler_output).view(-1, len(COLORS) + len(SHAPES), max_count)
         colour_counts = torch.tensor([count_attributes(scene)[: len(COLORS)] for scene in scenes])  # [B, C]
-        shape_counts = torch.tensor([count_attributes(scene)[len(COLORS) :] for scene in aux_scenes])  # [A, S]
+        shape_counts = torch.tensor(
+            [count_attributes(scene)[len(COLORS) :] for scene in aux_scenes]
+        )  # [A, S]
         count = F.cross_entropy(
-            torch.cat([count_logits[:batch, : len(COLORS)].flatten(0, 1), count_logits[batch:, len(COLORS) :].flatten(0, 1)]),
+            torch.cat(
+                [
+                    count_logits[:batch, : len(COLORS)].flatten(0, 1),
+                    count_logits[batch:, len(COLORS) :].flatten(0, 1),
+                ]
+            ),
             torch.cat([colour_counts.flatten(), shape_counts.flatten()]),
         )
         # Where: the mean centre (x, y) of the objects of each colour (palette images) and of each
@@ -722,7 +785,9 @@ def evaluate_scorer(
 # --------------------------------------------------------------------------------------------- saving
 
 
-def write_preprocessor_config(folder: Path, image_size: int, image_stats: tuple[list[float], list[float]]) -> None:
+def write_preprocessor_config(
+    folder: Path, image_size: int, image_stats: tuple[list[float], list[float]]
+) -> None:
     """A CLIPImageProcessor-format preprocessor_config.json (also readable by AutoImageProcessor)."""
     mean, std = image_stats
     config = {
@@ -744,11 +809,16 @@ def write_preprocessor_config(folder: Path, image_size: int, image_stats: tuple[
 
 def _check_destination(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not an empty folder: choose a new folder or remove it first")
+        raise FileExistsError(
+            f"{out_dir} exists and is not an empty folder: choose a new folder or remove it first"
+        )
 
 
 def train_and_save(
-    out_dir: str | Path, spec: ScorerSpec = ScorerSpec(), recipe: ScorerRecipe = ScorerRecipe(), progress: bool = True
+    out_dir: str | Path,
+    spec: ScorerSpec = ScorerSpec(),
+    recipe: ScorerRecipe = ScorerRecipe(),
+    progress: bool = True,
 ) -> dict:
     """Train, save (model, tokenizer, preprocessor config, metrics.json) atomically to `out_dir`; returns the metrics."""
     from leapalign.rewards.clip_score import ClipScore
@@ -764,6 +834,8 @@ def train_and_save(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_preprocessor_config(tmp, spec.image_size, image_stats)
+        for written in tmp.iterdir():
+            written.chmod(0o644)  # safetensors writes 0600; this folder ships inside the package
         # Score through the reward's own loading path: the figures describe the saved folder.
         reward = ClipScore(tmp, device="cpu")
         pairs = build_eval_pairs(recipe.n_eval, seed=recipe.seed + 1)
@@ -798,15 +870,17 @@ def train_and_save(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """python -m leapalign.world.scorer --out DIR [--steps N --seed S --batch-size B --threads T]."""
-    parser = argparse.ArgumentParser(description="Train the miniature world's CLIP-style prompt-image scorer.")
+    parser = argparse.ArgumentParser(
+        description="Train the miniature world's CLIP-style prompt-image scorer."
+    )
     parser.add_argument("--out", required=True, help="new (or empty) folder for the HF CLIPModel + tokenizer")
     parser.add_argument("--steps", type=int, default=ScorerRecipe.steps)
     parser.add_argument("--seed", type=int, default=ScorerRecipe.seed)
     parser.add_argument("--batch-size", type=int, default=ScorerRecipe.batch_size)
     parser.add_argument(
         "--threads", type=int, default=1,
-        help="torch CPU threads; 1 (default) is fastest for this tiny model on shared cores and gives the same "
-        "bits on any machine",
+        help="torch CPU threads; 1 (default) was fastest for this tiny model on 2 shared cores, and a fixed "
+        "count keeps reruns on one machine bit-identical",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     args = parser.parse_args(argv)
@@ -821,8 +895,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = metrics[view]
         print(f"{view}: hard-negative AUC {m['hard_negative_auc']:.3f}, random AUC {m['random_auc']:.3f}")
         for category, c in m["per_category"].items():
-            print(f"  {category:18s} hard {c['hard_negative_auc']:.3f}  random {c['random_auc']:.3f}  n={c['n']}")
-        print("  per negative kind: " + ", ".join(f"{k} {v['hard_negative_auc']:.3f}" for k, v in m["per_negative_kind"].items()))
+            print(
+                f"  {category:18s} hard {c['hard_negative_auc']:.3f}  random {c['random_auc']:.3f}  n={c['n']}"
+            )
+        print(
+            "  per negative kind: "
+            + ", ".join(f"{k} {v['hard_negative_auc']:.3f}" for k, v in m["per_negative_kind"].items())
+        )
     print(f"train {metrics['train']['wall_s']} s; saved {args.out}")
     return 0
 
