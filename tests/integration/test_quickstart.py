@@ -52,8 +52,12 @@ def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
     found = client.search_runs([experiment.experiment_id])
     assert len(found) == 2, f"one MLflow run per quickstart, found {len(found)}"
     logged = found[0].data.metrics
-    assert "eval/before/overall" in logged and "eval/after/overall" in logged, f"eval metrics: {sorted(logged)}"
-    assert logged["eval/before/overall"] == pytest.approx(e_a["before"]["overall"]), "MLflow holds eval.json's value"
+    assert "eval/before/overall" in logged and "eval/after/overall" in logged, (
+        f"eval metrics: {sorted(logged)}"
+    )
+    assert logged["eval/before/overall"] == pytest.approx(e_a["before"]["overall"]), (
+        "MLflow holds eval.json's value"
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,7 +74,9 @@ def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, content, mes
 
     bad = tmp_path / "prompts.parquet"
     if content == "unknown_word":
-        pq.write_table(pa.table({"prompt": ["a red hexagon"], "category": ["single_object"], "seed": [1]}), bad)
+        pq.write_table(
+            pa.table({"prompt": ["a red hexagon"], "category": ["single_object"], "seed": [1]}), bad
+        )
     elif content == "corrupt":
         bad.write_bytes(b"PAR1 this is not parquet")
     else:

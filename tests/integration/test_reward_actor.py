@@ -286,3 +286,53 @@ def test_serve_cli_starts_a_detached_actor(ray_cluster):
         )
     finally:
         ray.kill(actor, no_restart=True)
+
+
+def test_training_finishes_when_the_reward_actor_is_killed_mid_run(ray_cluster, tiny_flux_dir, tmp_path):
+    """The real training loop on the tiny Flux, its reward served by an actor that is killed while a
+    request is inside it (a slow batch window holds it there): the actor restarts, the call is
+    retried, and every step is applied."""
+    from leapalign.config import load_config
+    from leapalign.train import train
+    from tests.conftest import TINY_CONFIG, tiny_overrides
+
+    actor = launch_reward_actor(
+        "midrun_test",
+        "color_match",
+        namespace=NAMESPACE,
+        num_cpus=ACTOR_CPUS,
+        max_wait_ms=1500,
+        max_restarts=3,
+    )
+    try:
+        pid_before = ray.get(actor.stats.remote())["pid"]
+        cfg = load_config(
+            TINY_CONFIG, tiny_overrides(tiny_flux_dir, tmp_path / "run", **{"train.iterations": 5})
+        )
+        reward_fn = ActorReward("midrun_test", NAMESPACE, backoff_s=0.2, max_wait_s=60)
+        killed = threading.Event()
+
+        def kill_during_second_request() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if ray.get(actor.stats.remote())["calls"] >= 2:
+                    ray.kill(actor, no_restart=False)
+                    killed.set()
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_during_second_request)
+        killer.start()
+        result = train(cfg, reward_fn=reward_fn, progress=False)
+        killer.join(timeout=30)
+
+        assert killed.is_set(), "the actor was never killed: the test proved nothing"
+        skipped = [m["skipped"] for m in result.history]
+        assert skipped == [0.0] * 5, f"every step must be applied despite the kill, got skipped={skipped}"
+        assert all(np.isfinite(m["loss"]) for m in result.history), "losses must stay finite"
+        assert reward_fn.retries >= 1, (
+            f"the in-flight call should have been retried, retries={reward_fn.retries}"
+        )
+        assert reward_fn.stats()["pid"] != pid_before, "the reward actor process was not restarted"
+    finally:
+        ray.kill(actor, no_restart=True)

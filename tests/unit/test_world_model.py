@@ -37,9 +37,15 @@ def test_shipped_prompt_files_are_the_seeded_split():
     train = read_prompts(resolve_data_path("assets/prompts/world/train.parquet"))
     held_out = read_prompts(resolve_data_path("assets/prompts/world/eval.parquet"))
     expected_train, expected_eval = build_prompt_sets(seed=0, n_train=len(train), n_eval=len(held_out))
-    assert [r.prompt for r in train] == expected_train.column("prompt").to_pylist(), "train file != seed 0 split"
-    assert [r.prompt for r in held_out] == expected_eval.column("prompt").to_pylist(), "eval file != seed 0 split"
-    assert not {r.prompt for r in train} & {r.prompt for r in held_out}, "a held-out prompt leaked into training"
+    assert [r.prompt for r in train] == expected_train.column("prompt").to_pylist(), (
+        "train file != seed 0 split"
+    )
+    assert [r.prompt for r in held_out] == expected_eval.column("prompt").to_pylist(), (
+        "eval file != seed 0 split"
+    )
+    assert not {r.prompt for r in train} & {r.prompt for r in held_out}, (
+        "a held-out prompt leaked into training"
+    )
 
 
 def test_format_comparison_reports_per_category_change():

@@ -102,13 +102,19 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, generator: torch.G
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Posterior means [N, C, h, w] (deterministic), before normalisation."""
-    return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+    return torch.cat(
+        [vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)]
+    )
 
 
 def encode_text(pipe, captions: list[str], max_sequence_length: int):
     """Like FluxPipeline.encode_prompt, but with a graph (the text encoders train here)."""
     clip_ids = pipe.tokenizer(
-        captions, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True, return_tensors="pt"
+        captions,
+        padding="max_length",
+        max_length=pipe.tokenizer_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     t5_ids = pipe.tokenizer_2(
         captions, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
@@ -118,7 +124,9 @@ def encode_text(pipe, captions: list[str], max_sequence_length: int):
     return prompt_embeds, pooled
 
 
-def train_flow(pipe, latents: torch.Tensor, captions: list[str], cfg: PretrainConfig, generator) -> dict[str, float]:
+def train_flow(
+    pipe, latents: torch.Tensor, captions: list[str], cfg: PretrainConfig, generator
+) -> dict[str, float]:
     """Rectified-flow training of transformer + text encoders on packed, normalised latents."""
     transformer = pipe.transformer
     modules = [transformer, pipe.text_encoder, pipe.text_encoder_2]
@@ -139,7 +147,9 @@ def train_flow(pipe, latents: torch.Tensor, captions: list[str], cfg: PretrainCo
         noise = torch.randn(x0.shape, generator=generator)
         sigma = torch.sigmoid(torch.randn(cfg.flow_batch, generator=generator))  # logit-normal
         x_sigma = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        prompt_embeds, pooled = encode_text(pipe, [captions[i] for i in idx.tolist()], cfg.max_sequence_length)
+        prompt_embeds, pooled = encode_text(
+            pipe, [captions[i] for i in idx.tolist()], cfg.max_sequence_length
+        )
         velocity = transformer(
             hidden_states=x_sigma,
             timestep=sigma,
@@ -192,7 +202,9 @@ def pretrain(out_dir: Path, cfg: PretrainConfig, prompt_file: Path | None = None
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     latents = (raw - shift) * scale  # what FluxPipeline's decode inverts
     stats.update(train_flow(pipe, latents, captions, cfg, generator))
-    stats.update({"vae/shift_factor": shift, "vae/scaling_factor": scale, "time/total_s": time.perf_counter() - t0})
+    stats.update(
+        {"vae/shift_factor": shift, "vae/scaling_factor": scale, "time/total_s": time.perf_counter() - t0}
+    )
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     out = save_pipeline(pipe, out_dir)
@@ -201,7 +213,9 @@ def pretrain(out_dir: Path, cfg: PretrainConfig, prompt_file: Path | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, type=Path, help="new folder for the diffusers pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=PretrainConfig.vae_steps)
@@ -211,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # on a shared 2-core box one thread avoids oversubscription
-    cfg = PretrainConfig(seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps, n_train=args.n_train)
+    cfg = PretrainConfig(
+        seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps, n_train=args.n_train
+    )
     stats = pretrain(args.out, cfg)
     print(json.dumps(stats, indent=2))
     return 0
