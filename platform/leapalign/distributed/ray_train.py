@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ log = logging.getLogger("leapalign")
 FAULT_STEP_ENV = "LEAPALIGN_FAULT_EXIT_AT_STEP"
 FAULT_RANK_ENV = "LEAPALIGN_FAULT_RANK"
 FAULT_MARKER_ENV = "LEAPALIGN_FAULT_MARKER"
+FAULT_GRACE_S = 3.0  # seconds between the injected fault's decision and the exit
 
 RUN_RECORD = "leapalign_run.json"  # in STORAGE/RUN: the MLflow run a resumed run reattaches to
 STEP_METRIC = "time/step_s"  # in every step's metrics (applied or skipped): MLflow's last step is its max
@@ -428,6 +430,10 @@ def maybe_inject_fault(step: int, rank: int) -> None:
     except FileExistsError:
         return
     log.warning("fault injection: rank %d exits at step %d (%s=%s)", rank, step, FAULT_STEP_ENV, step)
+    # Train V2's controller collects reports by polling; a crash within a poll interval of the last
+    # checkpoint report can beat its registration and restart from an older checkpoint (seen on an
+    # idle machine). Real failures are not that punctual: give the controller time to register it.
+    time.sleep(FAULT_GRACE_S)
     os._exit(1)
 
 
