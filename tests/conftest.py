@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,27 @@ def tiny_overrides(model_dir: Path, out_dir: Path, **extra) -> list[str]:
 
 
 TINY_CONFIG = REPO / "experiments" / "tiny_demo.yaml"
+
+
+@contextmanager
+def local_ray(**init_kwargs):
+    """A private Ray cluster on 127.0.0.1 only, shut down afterwards.
+
+    On Linux Ray binds a node to the host's routable address even when given 127.0.0.1, unless it
+    believes multi-node clusters are off (leapalign.distributed.ray_train.connect_ray does the same for
+    real runs). The constant is read when ray is imported, so it is patched as well as set for children;
+    both are restored afterwards.
+    """
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        context = ray.init(address="local", num_cpus=2, include_dashboard=False, **init_kwargs)
+        try:
+            ip = context.address_info["node_ip_address"]
+            assert ip == "127.0.0.1", f"Ray bound to {ip}, expected 127.0.0.1 only"
+            yield context
+        finally:
+            ray.shutdown()

@@ -20,7 +20,7 @@ import torch
 from leapalign.config import load_config
 from leapalign.distributed.ray_train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from leapalign.train import train
-from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+from tests.conftest import REPO, TINY_CONFIG, local_ray, tiny_overrides
 
 BASELINE_STEPS = 6
 # Smaller sample grids (they never touch the training draws) and half a CPU per worker (2 cores).
@@ -29,21 +29,10 @@ FAST = {"train.num_samples": 1, "sampler.eval_num_steps": 2, "ray.cpus_per_worke
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray on 127.0.0.1 only (see connect_ray for why the OS-cluster switch is needed)."""
-    import ray
-    import ray._private.ray_constants as ray_constants
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # notices a dead worker sooner
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        context = ray.init(address="local", num_cpus=2, include_dashboard=False)
-        try:
-            ip = context.address_info["node_ip_address"]
-            assert ip == "127.0.0.1", f"Ray bound to {ip}, expected 127.0.0.1 only"
+        with local_ray() as context:
             yield context
-        finally:
-            ray.shutdown()
 
 
 def tiny_cfg(model_dir: Path, tmp: Path, **extra):

@@ -25,6 +25,7 @@ from leapalign.distributed.reward_actor import (
 )
 from leapalign.rewards import build_reward
 from leapalign.rewards.base import RewardError
+from tests.conftest import local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "leapalign-test"
@@ -34,24 +35,10 @@ ACTOR_CPUS = 0.25  # three actors and the driver share the cluster's 2 CPUs
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray on 127.0.0.1 only. On Linux Ray binds to the host's routable IP even when given
-    _node_ip_address="127.0.0.1" (it resolves localhost away) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0;
-    the constant is read when ray is imported, so it is patched as well as set for child processes."""
-    import ray._private.ray_constants as ray_constants
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        context = ray.init(
-            address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False
-        )
-        try:
-            ip = context.address_info["node_ip_address"]
-            assert ip == "127.0.0.1", f"Ray bound to {ip}, expected 127.0.0.1 only"
+        with local_ray(namespace=NAMESPACE, log_to_driver=False) as context:
             yield context
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
