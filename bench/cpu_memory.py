@@ -163,7 +163,7 @@ def measure(job: dict) -> dict:
     from leapalign.models.flux import FluxPolicy
     from leapalign.models.tiny import TinyFluxSpec, build_tiny_flux_pipeline
     from leapalign.rewards.simple import ColorMatch
-    from leapalign.train import apply_finetune
+    from leapalign.training import apply_finetune
 
     method, num_steps, size = job["method"], job["num_steps"], SIZES[job["size"]]
     torch.set_num_threads(job["threads"])

@@ -50,7 +50,7 @@ from leapalign.methods.leapalign import hinge_loss, rollout_with_leaps, similari
 from leapalign.methods.refl import refl_rollout
 from leapalign.models.flux import FluxPolicy, PromptEmbeds
 from leapalign.sampling import flux_sigmas, rollout
-from leapalign.train import apply_finetune
+from leapalign.training import apply_finetune
 
 # The anchor's sizes (shared/bench/flux_gpu_anchor.py).
 FLUX_DEV = dict(

@@ -1,6 +1,7 @@
 """`leapalign` command line: train, build-tiny, show-config.
 
-    leapalign train experiments/quickstart.yaml method.alpha=0.1 train.seed=3
+    leapalign train experiments/quickstart.yaml method.leapalign.alpha=0.1 train.seed=3
+    leapalign train experiments/world/grpo.yaml train.resume=true
     leapalign build-tiny /tmp/tiny-flux
     leapalign show-config experiments/quickstart.yaml leap.distribution=beta
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,34 +19,28 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from leapalign.config import Config
 
+from leapalign.logs import quiet_libraries
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
-
-
-def _quiet_libraries() -> None:
-    """Library load bars and advisories drown the training bar; errors still show."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from leapalign.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
+    quiet_libraries()
     if cfg.train.torch_threads:
         import torch
 
         torch.set_num_threads(cfg.train.torch_threads)
     check_inputs(cfg)
-    # Held-out accuracy of the base model first: a bad eval prompt file fails before any training.
-    before = _evaluate(cfg) if cfg.eval.prompts else None
+    # Held-out accuracy of the base model first (miniature-world prompts: the exact evaluator).
+    before = None
+    if cfg.eval.prompts and not cfg.train.resume:
+        from leapalign.evaluation import is_world_prompt_set, load_eval_prompts
+
+        if is_world_prompt_set(load_eval_prompts(cfg.eval.prompts, cfg.eval.num_prompts)):
+            before = _evaluate(cfg)
     run_id, output_dir = train_on_ray(cfg) if cfg.ray.enabled else train_locally(cfg)
     if before is not None:
         _report_evaluation(cfg, before, output_dir, run_id)
@@ -54,32 +48,54 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Prompt files and the model folder, read before anything is evaluated, tracked or written."""
+    """Prompt files, the model folder and the output folder, checked before anything is evaluated or written."""
     from leapalign.data import load_prompts
     from leapalign.models.flux import resolve_model_path
+    from leapalign.training import check_output_dir
 
     resolve_model_path(cfg.model.path)
     load_prompts(cfg.train.prompts)
     if cfg.eval.prompts:
-        from leapalign.world.evaluate import load_eval_prompts
+        load_prompts(cfg.eval.prompts)
+    check_output_dir(cfg)
+    if cfg.train.resume and not cfg.ray.enabled:
+        from leapalign.training import latest_local_checkpoint
 
-        load_eval_prompts(cfg)
+        if latest_local_checkpoint(Path(cfg.train.output_dir)) is None:
+            raise FileNotFoundError(
+                f"train.resume=true but {Path(cfg.train.output_dir) / 'checkpoints'} holds no checkpoint; "
+                f"drop train.resume to start the run"
+            )
 
 
 def train_locally(cfg: Config) -> tuple[str | None, Path]:
-    """This process, no Ray."""
-    from leapalign.train import make_tracker, train
+    """This process, no Ray. Checkpoints in OUTPUT/checkpoints; train.resume=true continues the same MLflow run."""
+    import json
 
+    from leapalign.io import atomic_path
+    from leapalign.tracking import RUN_RECORD, MLflowTracker, ResumableTracker, open_tracker
+    from leapalign.train import train
+    from leapalign.training import clear_output_dir
+
+    out_dir = Path(cfg.train.output_dir)
+    record_path = out_dir / RUN_RECORD
+    record = json.loads(record_path.read_text()) if cfg.train.resume and record_path.is_file() else None
+    if cfg.train.overwrite:
+        clear_output_dir(cfg)
     reward_fn = None
     if cfg.reward.actor:  # a served reward: the only Ray this path touches (imported lazily)
         from leapalign.distributed.reward_actor import make_reward_fn
 
         reward_fn = make_reward_fn(cfg.reward)
-    tracker = make_tracker(cfg)
+    tracker = open_tracker(cfg, record)
+    if isinstance(tracker, MLflowTracker):
+        tracker = ResumableTracker(tracker)
+        with atomic_path(record_path) as tmp:
+            tmp.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri}))
     try:
         result = train(cfg, reward_fn=reward_fn, tracker=tracker)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as err:
+        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
     done = [m for m in result.history if not m.get("skipped")]
@@ -131,7 +147,7 @@ def _report_evaluation(cfg: Config, before, output_dir: Path, run_id: str | None
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from leapalign.models.tiny import build_tiny_flux
 
-    _quiet_libraries()
+    quiet_libraries()
     path = build_tiny_flux(args.out_dir, seed=args.seed)
     print(f"tiny Flux saved to {path}")
     return 0
@@ -154,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run LeapAlign training from a YAML config")
     p.add_argument("config", help="YAML config, e.g. experiments/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.alpha=0.1")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.leapalign.alpha=0.1")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("build-tiny", help="save a random tiny Flux as a diffusers folder (for tests/demos)")
     p.add_argument("out_dir")

@@ -2,7 +2,7 @@
 
 Every field has a default and a one-line comment (unit, valid range). `__post_init__` rejects bad
 values with a message that says how to fix them. Unknown keys are errors. The dotted keys used on
-the command line (`method.alpha=0.3`) are the same ones Ray Tune search spaces and MLflow params use.
+the command line (`method.leapalign.alpha=0.3`) are the same ones Ray Tune search spaces and MLflow params use.
 """
 
 from __future__ import annotations
@@ -100,38 +100,170 @@ class LeapConfig:
         )
 
 
-METHODS = ("leapalign",)
 WEIGHTINGS = ("both", "d_j", "d_0", "none")
+DIRECT_METHODS = (
+    "leapalign",
+    "refl",
+    "draft_lv",
+    "drtune",
+    "full_backprop",
+)  # (loss, metrics) per micro-batch
+METHODS = (*DIRECT_METHODS, "grpo")  # grpo: its own recipe (rollouts, then PPO updates)
+GRPO_VARIANTS = ("flow_grpo", "dance_grpo", "mixgrpo", "fast")
+SDE_KINDS = ("flow_grpo", "dance_grpo", "cps")
+
+
+def _check_hinge(section: str, hinge: float) -> None:
+    _check(math.isfinite(hinge), f"method.{section}.hinge={hinge}: must be a finite number")
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    name: str = "leapalign"  # alignment method
+class LeapAlignConfig:
     alpha: float = (
         0.3  # gradient discount on the model input at step j; 0..1 (paper: 0.3 HPSv2.1, 0.1 PickScore)
     )
-    tau: float = 0.1  # floor of each trajectory distance in the similarity weight; > 0 (w <= 1/tau)
+    tau: float = 0.1  # floor of each trajectory distance in the similarity weight; > 0 (w <= 1/(2 tau))
     hinge: float = 0.55  # lambda: loss = w * max(0, lambda - reward); reward units
     weighting: str = "both"  # similarity weight from: both | d_j | d_0 | none (ablation)
     reward_on: str = (
         "final"  # reward on the real decoded x_0 (final) or on the leap's x_hat_0 (leap; ablation)
     )
+    pairs_per_rollout: int = 1  # leap pairs drawn per rollout (beyond the paper); >= 1; cost ~N + 6P forwards
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.alpha <= 1.0,
+            f"method.leapalign.alpha={self.alpha} is outside [0, 1]: 1 keeps the full nested gradient, 0 drops it",
+        )
+        _check(self.tau > 0, f"method.leapalign.tau={self.tau}: the distance floor must be > 0 (paper: 0.1)")
+        _check_hinge("leapalign", self.hinge)
+        _check(
+            self.weighting in WEIGHTINGS,
+            f"method.leapalign.weighting={self.weighting!r}: choose one of {', '.join(WEIGHTINGS)}",
+        )
+        _check(
+            self.reward_on in ("final", "leap"),
+            f"method.leapalign.reward_on={self.reward_on!r}: choose final or leap",
+        )
+        _check(
+            self.pairs_per_rollout >= 1,
+            f"method.leapalign.pairs_per_rollout={self.pairs_per_rollout}: use >= 1",
+        )
+
+
+@dataclass(frozen=True)
+class ReFLConfig:
+    last_steps: int = 11  # m: the graph step t is uniform among the last m steps (paper: 11 of 25); >= 1
+    hinge: float = 0.55  # loss = max(0, lambda - reward(x_hat_0))
+
+    def __post_init__(self) -> None:
+        _check(self.last_steps >= 1, f"method.refl.last_steps={self.last_steps}: use >= 1")
+        _check_hinge("refl", self.hinge)
+
+
+@dataclass(frozen=True)
+class DraftLVConfig:
+    extra_samples: int = 2  # n: re-noise sg(x_0) to the last sigma n times and take the last step again; >= 0
+    hinge: float = 0.55  # loss = sum over the n + 1 last-step images of max(0, lambda - reward)
+
+    def __post_init__(self) -> None:
+        _check(self.extra_samples >= 0, f"method.draft_lv.extra_samples={self.extra_samples}: use >= 0")
+        _check_hinge("draft_lv", self.hinge)
+
+
+@dataclass(frozen=True)
+class DRTuneConfig:
+    grad_steps: int = 2  # K: evenly spaced model calls (random offset) that keep velocity gradients; >= 1
+    last_steps: int = 11  # m: early stop at a step t uniform among the last m, then leap to x_hat_0; >= 1
+    hinge: float = 0.55  # loss = max(0, lambda - reward(x_hat_0))
+
+    def __post_init__(self) -> None:
+        _check(self.grad_steps >= 1, f"method.drtune.grad_steps={self.grad_steps}: use >= 1")
+        _check(self.last_steps >= 1, f"method.drtune.last_steps={self.last_steps}: use >= 1")
+        _check_hinge("drtune", self.hinge)
+
+
+@dataclass(frozen=True)
+class FullBackpropConfig:
+    hinge: float = 0.55  # loss = max(0, lambda - reward(x_0)); the graph spans all N steps
+
+    def __post_init__(self) -> None:
+        _check_hinge("full_backprop", self.hinge)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    variant: str = (
+        "flow_grpo"  # which steps are stochastic and trained: flow_grpo | dance_grpo | mixgrpo | fast
+    )
+    sde: str = "flow_grpo"  # SDE step: flow_grpo (std a sqrt(s/(1-s))) | dance_grpo (std eta sqrt(-dt)) | cps
+    noise_level: float = 0.7  # a (eta for dance_grpo); > 0 (Flow-GRPO: 0.9 Flux, 0.7 SD3.5; DanceGRPO: 0.3)
+    group_size: int = 8  # G images per prompt; >= 2 (Flow-GRPO 24, DanceGRPO 12)
+    shared_noise: bool = False  # the G images of a prompt start from the same noise (DanceGRPO)
+    std_scope: str = "batch"  # advantage std over the gathered batch (Flow-GRPO) or per group (DanceGRPO)
+    adv_clip: float = 5.0  # advantages clamped to +-adv_clip; > 0
+    clip_range: float = 1e-4  # PPO ratio clip eps; > 0 (Flow-GRPO 1e-4, Fast 1e-5)
+    kl_beta: float = 0.0  # weight of the KL to the reference policy (LoRA with the adapter off); >= 0
+    train_fraction: float = (
+        0.99  # flow_grpo: first int(f N) steps trained; dance_grpo: round(f N) random steps; (0, 1]
+    )
+    window_size: int = 4  # mixgrpo: SDE steps in the sliding window; >= 1
+    window_shift_every: int = 25  # mixgrpo: the window moves one step later every this many iterations; >= 1
+    updates_per_rollout: int = 1  # optimizer steps per rollout batch (the samples are split among them); >= 1
+    micro_batch: int = (
+        0  # images per transformer call when sampling and training; 0 = the whole rollout batch
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            self.variant in GRPO_VARIANTS,
+            f"method.grpo.variant={self.variant!r}: choose one of {', '.join(GRPO_VARIANTS)}",
+        )
+        _check(self.sde in SDE_KINDS, f"method.grpo.sde={self.sde!r}: choose one of {', '.join(SDE_KINDS)}")
+        _check(self.noise_level > 0, f"method.grpo.noise_level={self.noise_level}: use > 0 (0 is the ODE)")
+        _check(self.group_size >= 2, f"method.grpo.group_size={self.group_size}: a group needs >= 2 images")
+        _check(
+            self.std_scope in ("batch", "group"),
+            f"method.grpo.std_scope={self.std_scope!r}: choose batch or group",
+        )
+        _check(self.adv_clip > 0, f"method.grpo.adv_clip={self.adv_clip}: use > 0")
+        _check(self.clip_range > 0, f"method.grpo.clip_range={self.clip_range}: use > 0 (e.g. 1e-4)")
+        _check(self.kl_beta >= 0, f"method.grpo.kl_beta={self.kl_beta}: use >= 0")
+        _check(
+            0 < self.train_fraction <= 1,
+            f"method.grpo.train_fraction={self.train_fraction}: use a value in (0, 1]",
+        )
+        _check(self.window_size >= 1, f"method.grpo.window_size={self.window_size}: use >= 1")
+        _check(
+            self.window_shift_every >= 1,
+            f"method.grpo.window_shift_every={self.window_shift_every}: use >= 1",
+        )
+        _check(
+            self.updates_per_rollout >= 1,
+            f"method.grpo.updates_per_rollout={self.updates_per_rollout}: use >= 1",
+        )
+        _check(
+            self.micro_batch >= 0, f"method.grpo.micro_batch={self.micro_batch}: use >= 0 (0 = all at once)"
+        )
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "leapalign"  # leapalign | refl | draft_lv | drtune | full_backprop | grpo
+    leapalign: LeapAlignConfig = field(default_factory=LeapAlignConfig)
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    draft_lv: DraftLVConfig = field(default_factory=DraftLVConfig)
+    drtune: DRTuneConfig = field(default_factory=DRTuneConfig)
+    full_backprop: FullBackpropConfig = field(default_factory=FullBackpropConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def __post_init__(self) -> None:
         _check(self.name in METHODS, f"method.name={self.name!r}: choose one of {', '.join(METHODS)}")
-        _check(
-            0.0 <= self.alpha <= 1.0,
-            f"method.alpha={self.alpha} is outside [0, 1]: 1 keeps the full nested gradient, 0 drops it",
-        )
-        _check(self.tau > 0, f"method.tau={self.tau}: the distance floor must be > 0 (paper: 0.1)")
-        _check(math.isfinite(self.hinge), f"method.hinge={self.hinge}: must be a finite number")
-        _check(
-            self.weighting in WEIGHTINGS,
-            f"method.weighting={self.weighting!r}: choose one of {', '.join(WEIGHTINGS)}",
-        )
-        _check(
-            self.reward_on in ("final", "leap"), f"method.reward_on={self.reward_on!r}: choose final or leap"
-        )
+
+    @property
+    def options(self) -> Any:
+        """The section of the chosen method (cfg.method.options.hinge, ...)."""
+        return getattr(self, self.name)
 
 
 @dataclass(frozen=True)
@@ -193,12 +325,21 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iterations: int = 300  # optimizer steps (paper: 300); >= 1
-    batch_size: int = 4  # prompts per micro-batch (one leap pair per micro-batch); >= 1
-    grad_accum: int = 1  # micro-batches per optimizer step; >= 1
-    seed: int = 0  # seeds noise, prompt order and leap pairs; same seed -> same numbers
+    iterations: int = 300  # updates (paper: 300; GRPO: rollout batches, each followed by its PPO steps); >= 1
+    batch_size: int = 4  # prompts per micro-batch (GRPO: prompts per rollout, x group_size images); >= 1
+    grad_accum: int = 1  # micro-batches per optimizer step (direct-gradient methods); >= 1
+    max_nfe: int = (
+        0  # compute budget: stop once the run has used this many image forward-equivalents; 0 = no cap
+    )
+    seed: int = 0  # seeds noise, prompt order and the methods' step draws; same seed -> same numbers
     prompts: str = "assets/prompts/demo.txt"  # .txt (one per line) or .parquet with a `prompt` column
-    output_dir: str = "outputs/run"  # where config, weights, grids go; created if missing
+    output_dir: str = "outputs/run"  # where config, weights, grids, local checkpoints go; created if missing
+    overwrite: bool = (
+        False  # replace an existing run in output_dir (its files and checkpoints); false = refuse
+    )
+    resume: bool = False  # continue the run in output_dir (or ray storage) from its newest checkpoint
+    checkpoint_every: int = 50  # write a checkpoint every N updates and at the last; >= 1
+    keep_checkpoints: int = 2  # newest checkpoints kept; >= 1
     sample_every: int = 0  # save a sample grid every N steps; 0 = only before and after
     num_samples: int = 4  # prompts in each sample grid; >= 1
     log_every: int = 1  # log metrics every N steps; >= 1
@@ -208,6 +349,13 @@ class TrainConfig:
         _check(self.iterations >= 1, f"train.iterations={self.iterations}: use >= 1")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size}: use >= 1")
         _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum}: use >= 1")
+        _check(self.max_nfe >= 0, f"train.max_nfe={self.max_nfe}: use >= 0 (0 = no compute cap)")
+        _check(
+            not (self.overwrite and self.resume),
+            "train.overwrite and train.resume exclude each other: pick one",
+        )
+        _check(self.checkpoint_every >= 1, f"train.checkpoint_every={self.checkpoint_every}: use >= 1")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints}: use >= 1")
         _check(self.sample_every >= 0, f"train.sample_every={self.sample_every}: use >= 0")
         _check(self.num_samples >= 1, f"train.num_samples={self.num_samples}: use >= 1")
         _check(self.log_every >= 1, f"train.log_every={self.log_every}: use >= 1")
@@ -220,17 +368,27 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     prompts: str | None = (
-        None  # held-out prompt file (.parquet of the miniature world); None skips evaluation
+        None  # held-out prompt file (world .parquet: exact evaluator + reward; .txt: reward); None = off
     )
-    num_prompts: int = 120  # evaluate the first N prompts of the file; >= 1
+    num_prompts: int = 120  # before/after evaluation: the first N prompts of the file; >= 1
     images_per_prompt: int = 1  # samples per prompt (different noise); >= 1
     batch_size: int = 32  # prompts per sampling batch; >= 1
-    use_ema: bool = True  # evaluate the EMA weights after training (as the paper does)
+    use_ema: bool = True  # evaluate the EMA weights (as the paper does)
+    every: int = 0  # held-out evaluation during training every N updates (and before the first); 0 = off
+    every_nfe: int = 0  # ... or whenever the cumulative compute crosses a multiple of this; 0 = off
+    every_num_prompts: int = 96  # prompts of the held-out file used during training (fixed noise); >= 1
+    reward: bool = True  # also score held-out images with the training reward (eval/reward)
 
     def __post_init__(self) -> None:
         _check(self.num_prompts >= 1, f"eval.num_prompts={self.num_prompts}: use >= 1")
         _check(self.images_per_prompt >= 1, f"eval.images_per_prompt={self.images_per_prompt}: use >= 1")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size}: use >= 1")
+        _check(self.every >= 0 and self.every_nfe >= 0, "eval.every / eval.every_nfe: use >= 0 (0 = off)")
+        _check(self.every_num_prompts >= 1, f"eval.every_num_prompts={self.every_num_prompts}: use >= 1")
+
+    @property
+    def during_training(self) -> bool:
+        return self.prompts is not None and (self.every > 0 or self.every_nfe > 0)
 
 
 @dataclass(frozen=True)
@@ -248,12 +406,11 @@ class RayConfig:
     num_workers: int = 1  # data-parallel workers; >= 1 (global batch = workers * batch_size * grad_accum)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; > 0
     use_gpu: bool = False  # one GPU per worker, NCCL for gradients; false = CPU workers (gloo)
-    storage_path: str | None = None  # checkpoints in STORAGE/RUN; None = ray_results beside train.output_dir
+    storage_path: str | None = (
+        None  # Ray checkpoints in STORAGE/RUN; None = ray_results beside train.output_dir
+    )
     run_name: str | None = None  # the run's folder under storage_path; None = train.output_dir's name
-    checkpoint_every: int = 50  # persist a checkpoint every N optimizer steps and at the last; >= 1
-    keep_checkpoints: int = 2  # newest checkpoints kept in storage; >= 1
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint; -1 = no limit
-    resume: bool = False  # continue run_name from its last checkpoint (same MLflow run); false = start over
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers}: use >= 1")
@@ -270,8 +427,6 @@ class RayConfig:
             self.run_name is None or (bool(self.run_name.strip()) and "/" not in self.run_name),
             f"ray.run_name={self.run_name!r}: use a plain folder name (no '/') or null",
         )
-        _check(self.checkpoint_every >= 1, f"ray.checkpoint_every={self.checkpoint_every}: use >= 1")
-        _check(self.keep_checkpoints >= 1, f"ray.keep_checkpoints={self.keep_checkpoints}: use >= 1")
         _check(self.max_failures >= -1, f"ray.max_failures={self.max_failures}: use >= 0, or -1 for no limit")
 
 
@@ -290,6 +445,19 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        if self.method.name == "grpo" and self.method.grpo.kl_beta > 0:
+            _check(
+                self.finetune.mode == "lora",
+                "method.grpo.kl_beta > 0 needs finetune.mode=lora: the reference policy is the same network with "
+                "the adapter disabled (full fine-tuning would need a second copy of the transformer)",
+            )
+        if self.method.name == "grpo":
+            images = self.train.batch_size * self.method.grpo.group_size
+            _check(
+                self.method.grpo.updates_per_rollout <= images,
+                f"method.grpo.updates_per_rollout={self.method.grpo.updates_per_rollout} exceeds the "
+                f"{images} images of a rollout (train.batch_size x group_size): each update needs samples",
+            )
         if self.leap.distribution == "fixed_gap":
             _check(
                 self.leap.gap < self.sampler.num_steps,
@@ -354,7 +522,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
             f"unknown config key(s) {', '.join(where + u for u in unknown)}; "
-            f"valid keys here: {', '.join(sorted(where + n for n in names))}"
+            f"valid keys here: {', '.join(sorted(where + n for n in names))}{_moved_hint(cls, unknown)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -370,6 +538,21 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {err}") from None
 
 
+# Keys that moved when the config grew one section per method and one checkpoint policy for every path.
+_MOVED = {
+    **{f"method.{k}": f"method.leapalign.{k}" for k in ("alpha", "tau", "hinge", "weighting", "reward_on")},
+    **{f"ray.{k}": f"train.{k}" for k in ("checkpoint_every", "keep_checkpoints", "resume")},
+}
+
+
+def _moved_hint(cls: type, unknown: list[str]) -> str:
+    section = {MethodConfig: "method", RayConfig: "ray"}.get(cls)
+    moved = [
+        f"{section}.{u} is now {_MOVED[f'{section}.{u}']}" for u in unknown if f"{section}.{u}" in _MOVED
+    ]
+    return f" ({'; '.join(moved)})" if moved else ""
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -381,11 +564,14 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["method.alpha=0.1", "train.seed=3"]` -> nested dict; values are parsed as YAML scalars."""
+    """`["method.leapalign.alpha=0.1", "train.seed=3"]` -> nested dict; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        _check(bool(sep) and bool(key.strip()), f"override {item!r} is not key=value (e.g. method.alpha=0.1)")
+        _check(
+            bool(sep) and bool(key.strip()),
+            f"override {item!r} is not key=value (e.g. method.leapalign.alpha=0.1)",
+        )
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
@@ -439,7 +625,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def flatten_config(cfg: Config) -> dict[str, Any]:
-    """Dotted keys (`method.alpha`) -> values, as logged to MLflow and searched by Ray Tune."""
+    """Dotted keys (`method.leapalign.alpha`) -> values, as logged to MLflow and searched by Ray Tune."""
     flat: dict[str, Any] = {}
 
     def walk(node: dict[str, Any], prefix: str) -> None:

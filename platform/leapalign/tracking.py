@@ -8,6 +8,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
+RUN_RECORD = "leapalign_run.json"  # beside a run's checkpoints: the MLflow run a resumed run reattaches to
+
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -50,9 +52,17 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
 
 
 class MLflowTracker:
-    """One MLflow run. `run_id` given: reattach to it (resumed runs keep one run)."""
+    """One MLflow run. `run_id` given: reattach to it (resumed runs keep one run); nested under a parent run."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
@@ -62,7 +72,10 @@ class MLflowTracker:
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-            run = self.client.create_run(experiment_id, run_name=run_name)
+            tags = dict(tags or {})
+            if parent_run_id is not None:
+                tags["mlflow.parentRunId"] = parent_run_id  # shows as a nested run in the MLflow UI
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -94,3 +107,71 @@ class MLflowTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+# Logged with every step's metrics (evaluation at step 0 included): its last step in MLflow is the last step
+# MLflow holds, which is what a resumed run must not log again.
+PROGRESS_METRIC = "compute/nfe_total"
+
+
+class ResumableTracker:
+    """An MLflowTracker that never logs a step twice across restarts and resumes.
+
+    Steps at or below the last one MLflow already holds (replays after a failure or a resume) are dropped
+    on arrival. With `hold=True` step metrics wait for `flush()`, which the Ray path calls right before
+    reporting the checkpoint that covers them, so that MLflow never runs ahead of the newest checkpoint.
+    """
+
+    def __init__(self, tracker: MLflowTracker, hold: bool = False):
+        self.tracker = tracker
+        self.run_id = tracker.run_id
+        self.hold = hold
+        history = tracker.client.get_metric_history(tracker.run_id, PROGRESS_METRIC)
+        self.logged_through = max((m.step for m in history), default=-1)
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.logged_through:
+            return
+        self.pending.append((step, dict(metrics)))
+        if not self.hold:
+            self.flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(path, artifact_path)
+
+    def flush(self) -> None:
+        for step, metrics in self.pending:
+            self.tracker.log_metrics(metrics, step)
+            self.logged_through = max(self.logged_through, step)
+        self.pending.clear()
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.tracker.end(status)
+
+
+def open_tracker(cfg, record: dict[str, Any] | None = None, parent_run_id: str | None = None) -> Tracker:
+    """The training run's one MLflow run: new, or the stopped run's (from its run record) when resuming.
+
+    cfg is a leapalign.config.Config; `record` is the run record ({"mlflow_run_id", "tracking_uri"}).
+    """
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    run_id = record.get("mlflow_run_id") if record else None
+    if run_id is None:
+        return MLflowTracker(
+            cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id
+        )
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id)
+    except MlflowException as err:
+        raise ValueError(
+            f"resuming: MLflow run {run_id} of this run is not in tracking.uri={cfg.tracking.uri} "
+            f"({err.message}); resume with the tracking.uri it started with: {record.get('tracking_uri')}"
+        ) from None

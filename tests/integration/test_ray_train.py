@@ -70,7 +70,7 @@ def only_run(tmp: Path):
 
 
 def test_one_worker_equals_single_process(ray_cluster, baseline_losses, tiny_flux_dir, tmp_path):
-    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"train.iterations": 3, "ray.checkpoint_every": 2})
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"train.iterations": 3, "train.checkpoint_every": 2})
     result = run_on_ray(cfg)
 
     assert result.metrics["step"] == 3, f"last reported step {result.metrics.get('step')}"
@@ -100,8 +100,8 @@ def test_two_workers_hold_identical_weights_after_every_step(
         **{
             "train.iterations": 2,
             "ray.num_workers": 2,
-            "ray.checkpoint_every": 1,
-            "ray.keep_checkpoints": 2,
+            "train.checkpoint_every": 1,
+            "train.keep_checkpoints": 2,
             "tracking.enabled": "false",
         },
     )
@@ -142,7 +142,7 @@ def test_killed_worker_and_stopped_run_continue_from_the_last_checkpoint(
     marker = tmp_path / "fault.marker"
     monkeypatch.setenv(FAULT_STEP_ENV, "4")
     monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
-    extra = {"ray.checkpoint_every": 2, "ray.max_failures": 1, "ray.keep_checkpoints": 5}
+    extra = {"train.checkpoint_every": 2, "ray.max_failures": 1, "train.keep_checkpoints": 5}
     result = run_on_ray(tiny_cfg(tiny_flux_dir, tmp_path, **{"train.iterations": 4, **extra}))
     assert marker.exists(), "the fault-injection hook never fired"
     assert result.metrics["step"] == 4, f"after the restart the run must finish: {result.metrics}"
@@ -150,7 +150,7 @@ def test_killed_worker_and_stopped_run_continue_from_the_last_checkpoint(
     # 2. The run stopped at its iteration limit; resume it with a higher one: it continues at step 5.
     monkeypatch.delenv(FAULT_STEP_ENV)
     cfg = tiny_cfg(
-        tiny_flux_dir, tmp_path, **{"train.iterations": BASELINE_STEPS, "ray.resume": "true", **extra}
+        tiny_flux_dir, tmp_path, **{"train.iterations": BASELINE_STEPS, "train.resume": "true", **extra}
     )
     result = run_on_ray(cfg)
     assert result.metrics["step"] == BASELINE_STEPS, f"resumed run ended at {result.metrics}"
@@ -195,7 +195,7 @@ def test_bad_ray_input_fails_before_any_work(tiny_flux_dir, tmp_path, case):
             {"ray.storage_path": str(blocker / "ray_results")},
             "cannot write checkpoints",
         ),
-        "nothing to resume": ({"ray.resume": "true"}, "holds no run to continue"),
+        "nothing to resume": ({"train.resume": "true"}, "holds no run to continue"),
     }[case]
     values = {"tracking.enabled": "true", "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"}
     values |= {"ray.storage_path": str(storage), **extra}

@@ -40,8 +40,12 @@ def test_two_step_cli_run_gives_exact_losses(tiny_flux_dir, tmp_path):
 @pytest.mark.parametrize(
     "case,extra,message",
     [
-        ("unknown key", ["method.alpah=0.3"], "unknown config key(s) method.alpah"),
-        ("alpha out of range", ["method.alpha=1.5"], "outside [0, 1]"),
+        ("unknown key", ["method.leapalign.alpah=0.3"], "unknown config key(s) method.leapalign.alpah"),
+        ("alpha out of range", ["method.leapalign.alpha=1.5"], "outside [0, 1]"),
+        ("moved key", ["method.alpha=0.1"], "method.alpha is now method.leapalign.alpha"),
+        ("unknown method", ["method.name=dpo"], "method.name='dpo': choose one of leapalign, refl"),
+        ("unknown method option", ["method.grpo.clip=0.2"], "unknown config key(s) method.grpo.clip"),
+        ("bad method option", ["method.grpo.group_size=1"], "a group needs >= 2 images"),
         ("resolution", ["sampler.height=40"], "multiple of 16"),
         ("wrong type", ["train.batch_size=two"], "expected an integer"),
         ("missing model", ["model.path=./no/such/model"], "model folder './no/such/model' not found"),
@@ -71,13 +75,16 @@ def test_malformed_yaml_and_empty_prompts(tiny_flux_dir, tmp_path):
 
 
 def test_config_layers_defaults_yaml_overrides(tmp_path):
-    cfg = load_config(TINY_CONFIG, ["method.alpha=0.1", "finetune.lora_target_modules=[to_q, to_k]"])
-    assert cfg.method.alpha == 0.1, "override beats YAML"
+    cfg = load_config(
+        TINY_CONFIG, ["method.leapalign.alpha=0.1", "finetune.lora_target_modules=[to_q, to_k]"]
+    )
+    assert cfg.method.leapalign.alpha == 0.1 and cfg.method.options.alpha == 0.1, "override beats YAML"
     assert cfg.sampler.height == 32, "YAML beats defaults"
     assert cfg.optim.beta2 == 0.999, "defaults fill the rest"
     assert cfg.finetune.lora_target_modules == ("to_q", "to_k"), "lists become tuples"
     flat = flatten_config(cfg)
-    assert flat["method.alpha"] == 0.1 and flat["leap.distribution"] == "uniform", "dotted keys"
+    assert flat["method.leapalign.alpha"] == 0.1 and flat["leap.distribution"] == "uniform", "dotted keys"
+    assert flat["method.grpo.clip_range"] == 1e-4, "every method's section is a dotted key too"
     swept = with_overrides(cfg, {"leap.distribution": "beta", "leap.beta_a": 2})
     assert swept.leap.distribution == "beta" and swept.leap.beta_a == 2.0, "sweep overrides apply"
     with pytest.raises(ConfigError, match="unknown config key"):
@@ -96,8 +103,9 @@ def test_help_and_module_entry_point():
 
 def test_core_never_imports_ray():
     code = (
-        "import sys, leapalign, leapalign.train, leapalign.cli, leapalign.methods.leapalign, "
-        "leapalign.methods.refl, leapalign.methods.draft, leapalign.models.flux, leapalign.models.tiny, "
+        "import sys, leapalign, leapalign.train, leapalign.training, leapalign.cli, leapalign.methods, "
+        "leapalign.methods.grpo, leapalign.recipes.direct, leapalign.recipes.grpo, leapalign.evaluation, "
+        "leapalign.models.flux, leapalign.models.tiny, leapalign.compute, "
         "leapalign.rewards.simple, leapalign.tracking, leapalign.config, leapalign.sampling\n"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "assert not bad, bad\n"

@@ -10,7 +10,8 @@ import torch
 from leapalign.config import load_config
 from leapalign.methods.leapalign import rollout_with_leaps
 from leapalign.sampling import rollout
-from leapalign.train import save_trained_weights, setup_policy, train, trainable_parameters
+from leapalign.train import train
+from leapalign.training import save_trained_weights, setup_policy, trainable_parameters
 from tests.conftest import TINY_CONFIG, tiny_overrides
 
 
@@ -84,7 +85,7 @@ class FlakyReward:
 def test_nan_reward_skips_step_and_leaves_weights_untouched(tiny_flux_dir, tmp_path, caplog):
     cfg = load_config(TINY_CONFIG, tiny_overrides(tiny_flux_dir, tmp_path / "run", **{"train.iterations": 3}))
 
-    def checkpoint_every_step(step, metrics, save):
+    def checkpoint_every_step(step, metrics, save, final):
         save(tmp_path / f"step{step}.pt")
 
     with caplog.at_level(logging.WARNING, logger="leapalign"):

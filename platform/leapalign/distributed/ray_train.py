@@ -1,7 +1,7 @@
 """Ray Train execution: `train()` on N TorchTrainer workers, one MLflow run, checkpoints in Ray storage.
 
     leapalign train experiments/tiny_demo.yaml ray.num_workers=2 ray.cpus_per_worker=0.5
-    leapalign train experiments/tiny_demo.yaml train.iterations=20 ray.resume=true   # continue a stopped run
+    leapalign train experiments/tiny_demo.yaml train.iterations=20 train.resume=true   # continue a stopped run
 
 Driver (`run_on_ray`): check what a user can get wrong (model folder, prompts, reward, tracking server,
 storage path) before any work; start or join a Ray cluster; create (or, resuming, reattach to) the MLflow
@@ -10,10 +10,10 @@ torch.distributed (gloo on CPU; gloo + NCCL on GPU); each calls `train()` with a
 averages gradients over the workers exactly as DDP does. Full fine-tuning replicates the weights the same
 way (no FSDP sharding on this path: see README, "Ray").
 
-Checkpoints: every ray.checkpoint_every steps and at the last step, every rank writes its full checkpoint
+Checkpoints: every train.checkpoint_every steps and at the last step, every rank writes its full checkpoint
 (weights, optimizer, EMA, its own prompt-order and noise streams) as rank_<r>.pt; Ray merges the ranks'
 folders into STORAGE/RUN/checkpoint_<step>. A restarted worker group (FailureConfig(max_failures)) and a
-new `leapalign train ... ray.resume=true` (same STORAGE/RUN: Train V2 restores it) continue from the
+new `leapalign train ... train.resume=true` (same STORAGE/RUN: Train V2 restores it) continue from the
 newest one with the same numbers an uninterrupted run would give.
 
 MLflow without duplicates: rank 0 holds step metrics back and writes them just before reporting the
@@ -45,8 +45,17 @@ from leapalign.data import load_prompts
 from leapalign.distributed.reward_actor import make_reward_fn
 from leapalign.models.flux import resolve_model_path
 from leapalign.rewards.base import build_reward
-from leapalign.tracking import MLflowTracker, NullTracker, Tracker, check_tracking_uri
-from leapalign.train import TorchDistContext, train
+from leapalign.tracking import (
+    RUN_RECORD,
+    MLflowTracker,
+    NullTracker,
+    ResumableTracker,
+    Tracker,
+    check_tracking_uri,
+    open_tracker,
+)
+from leapalign.train import train
+from leapalign.training import StepHook, TorchDistContext, check_output_dir, clear_output_dir
 
 log = logging.getLogger("leapalign")
 
@@ -60,8 +69,6 @@ FAULT_RANK_ENV = "LEAPALIGN_FAULT_RANK"
 FAULT_MARKER_ENV = "LEAPALIGN_FAULT_MARKER"
 FAULT_GRACE_S = 3.0  # seconds between the injected fault's decision and the exit
 
-RUN_RECORD = "leapalign_run.json"  # in STORAGE/RUN: the MLflow run a resumed run reattaches to
-STEP_METRIC = "time/step_s"  # in every step's metrics (applied or skipped): MLflow's last step is its max
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
@@ -82,11 +89,16 @@ def run_on_ray(cfg: Config) -> RayRunResult:
     cfg = absolute_paths(cfg)
     check_inputs(cfg)
     storage = RunStorage(cfg.ray.storage_path, cfg.ray.run_name or Path(cfg.train.output_dir).name)
-    record = storage.read_record() if cfg.ray.resume else None
-    if cfg.ray.resume and record is None:
+    record = storage.read_record() if cfg.train.resume else None
+    if cfg.train.resume and record is None:
         raise FileNotFoundError(
-            f"ray.resume=true but {storage.uri} holds no run to continue; drop ray.resume to start one, or "
+            f"train.resume=true but {storage.uri} holds no run to continue; drop train.resume to start one, or "
             f"set ray.storage_path / ray.run_name to the stopped run's"
+        )
+    if not cfg.train.resume and not cfg.train.overwrite and storage.holds_run():
+        raise FileExistsError(
+            f"{storage.uri} already holds a run of this name; continue it with train.resume=true, replace it "
+            f"with train.overwrite=true (its checkpoints are deleted), or choose another ray.run_name"
         )
     storage.check_writable()
     fault_env = fault_injection_env()
@@ -96,8 +108,9 @@ def run_on_ray(cfg: Config) -> RayRunResult:
         check_cluster(
             cfg, private=connected and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
         )
-        if not cfg.ray.resume:
+        if cfg.train.overwrite:
             storage.clear()  # Train V2 would otherwise resume a run folder of the same name
+            clear_output_dir(cfg)
         tracker = open_tracker(cfg, record)
         storage.write_record({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri})
         trainer = TorchTrainer(
@@ -114,7 +127,7 @@ def run_on_ray(cfg: Config) -> RayRunResult:
                 name=storage.name,
                 storage_path=cfg.ray.storage_path,
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                 worker_runtime_env={"env_vars": fault_env} if fault_env else None,
             ),
         )
@@ -171,6 +184,7 @@ def check_inputs(cfg: Config) -> None:
     load_prompts(cfg.train.prompts)
     if not cfg.reward.actor:  # built once here to check name and options; served rewards are checked later
         build_reward(cfg.reward.name, cfg.reward.options)
+    check_output_dir(cfg)
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.uri)
     if os.environ.get(FAULT_STEP_ENV) and not os.environ.get(FAULT_MARKER_ENV):
@@ -214,11 +228,15 @@ class RunStorage:
         with self.fs.open_output_stream(f"{self.path}/{RUN_RECORD}") as f:
             f.write(json.dumps(record).encode())
 
-    def clear(self) -> None:
+    def holds_run(self) -> bool:
         import pyarrow.fs
 
-        if self.fs.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True)):
-            log.warning("ray.resume=false: starting %s over (its old checkpoints are removed)", self.uri)
+        entries = self.fs.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))
+        return any(not info.base_name.startswith(".") for info in entries)
+
+    def clear(self) -> None:
+        if self.holds_run():
+            log.warning("train.overwrite=true: starting %s over (its old checkpoints are removed)", self.uri)
             self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
 
 
@@ -281,24 +299,6 @@ def check_cluster(cfg: Config, private: bool) -> None:
             ) from None
 
 
-def open_tracker(cfg: Config, record: dict[str, Any] | None) -> Tracker:
-    """The run's one MLflow run: new, or the stopped run's (from the run record) when resuming."""
-    if not cfg.tracking.enabled:
-        return NullTracker()
-    run_id = record.get("mlflow_run_id") if record else None
-    if run_id is None:
-        return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id)
-    except MlflowException as err:
-        raise ValueError(
-            f"ray.resume=true: MLflow run {run_id} of this run is not in tracking.uri={cfg.tracking.uri} "
-            f"({err.message}); resume with the tracking.uri it started with: {record.get('tracking_uri')}"
-        ) from None
-
-
 def raise_user_error(err: Exception) -> None:
     """A worker's bad-input error (e.g. an unknown reward option) as itself, so the CLI prints one line."""
     for _, failure in sorted(getattr(err, "worker_failures", {}).items()):
@@ -310,53 +310,19 @@ def raise_user_error(err: Exception) -> None:
 # ----------------------------------------------------------------------------- workers
 
 
-class CheckpointAlignedTracker:
-    """Rank 0's tracker: params and artifacts go straight to MLflow; step metrics wait for a checkpoint.
-
-    `flush` writes the held steps; call it right before reporting the checkpoint that covers them. Steps at
-    or below the last one MLflow already holds (replays after a failure) are dropped on arrival.
-    """
-
-    def __init__(self, tracker: MLflowTracker):
-        self.tracker = tracker
-        self.run_id = tracker.run_id
-        history = tracker.client.get_metric_history(tracker.run_id, STEP_METRIC)
-        self.logged_through = max((m.step for m in history), default=0)
-        self.pending: list[tuple[int, dict[str, float]]] = []
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.tracker.log_params(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.logged_through:
-            self.pending.append((step, dict(metrics)))
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.tracker.log_artifact(path, artifact_path)
-
-    def flush(self) -> None:
-        for step, metrics in self.pending:
-            self.tracker.log_metrics(metrics, step)
-            self.logged_through = step
-        self.pending.clear()
-
-    def end(self, status: str = "FINISHED") -> None:
-        pass  # the driver owns the run's status
-
-
 def train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: `train()` over torch.distributed; checkpoints to Ray, metrics to MLflow."""
-    from leapalign.cli import _quiet_libraries
+    from leapalign.logs import quiet_libraries
 
     cfg: Config = loop_config["cfg"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     dist = TorchDistContext()
     rank = dist.rank
     tracker: Tracker = NullTracker()
     if rank == 0 and loop_config["run_id"] is not None:
-        tracker = CheckpointAlignedTracker(
-            MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=loop_config["run_id"])
+        tracker = ResumableTracker(
+            MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=loop_config["run_id"]), hold=True
         )
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as checkpoint_dir:
@@ -369,9 +335,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     f"checkpoint {checkpoint.path} was written by {meta['num_workers']} workers and has no "
                     f"{resume_from.name}: resume with ray.num_workers={meta['num_workers']}"
                 )
-            if rank == 0:
-                trim_metrics_log(Path(cfg.train.output_dir) / "metrics.jsonl", meta["step"])
-            if isinstance(tracker, CheckpointAlignedTracker):  # an event log: one point per resume
+            if isinstance(tracker, ResumableTracker):  # an event log: one point per resume
                 tracker.tracker.log_metrics({"ray/resumed_from_step": meta["step"]}, step=meta["step"])
         train(
             cfg,
@@ -383,32 +347,34 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             device=str(get_device()),
             progress=False,
         )
-    if isinstance(tracker, CheckpointAlignedTracker):
+    if isinstance(tracker, ResumableTracker):
         tracker.flush()
 
 
-def checkpoint_hook(
-    cfg: Config, dist: TorchDistContext, tracker: Tracker
-) -> Callable[[int, dict[str, float], Callable[[Path], None]], None]:
-    """train()'s on_step_end: progress line, and every checkpoint_every steps a checkpoint report.
+def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> StepHook:
+    """train()'s on_step_end: progress line, metrics to Ray every step, a checkpoint every checkpoint_every.
 
     ray.train.report is a barrier in Train V2: every rank calls it at the same steps, each with its own
-    folder (rank_<r>.pt); Ray merges them into one checkpoint_<step> folder in storage.
+    folder (rank_<r>.pt); Ray merges them into one checkpoint_<step> folder in storage. Reporting every
+    step (without a checkpoint in between) is what lets a Tune scheduler see the held-out curve.
     """
 
-    def on_step_end(step: int, metrics: dict[str, float], save_checkpoint: Callable[[Path], None]) -> None:
+    def on_step_end(
+        step: int, metrics: dict[str, float], save_checkpoint: Callable[[Path], None], final: bool
+    ) -> None:
         if dist.is_main:
             shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "reward/mean") if k in metrics)
             log.info("step %d/%d %s", step, cfg.train.iterations, shown or "skipped")
-        if step % cfg.ray.checkpoint_every and step != cfg.train.iterations:
+        if step % cfg.train.checkpoint_every and not final:
             maybe_inject_fault(step, dist.rank)
+            ray.train.report({"step": step, **metrics})
             return
         with tempfile.TemporaryDirectory(prefix="leapalign-ckpt-", ignore_cleanup_errors=True) as tmp:
             save_checkpoint(Path(tmp) / f"rank_{dist.rank}.pt")
             if dist.is_main:
                 meta = {"step": step, "num_workers": dist.world_size}
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta))
-            if isinstance(tracker, CheckpointAlignedTracker):
+            if isinstance(tracker, ResumableTracker):
                 tracker.flush()
             maybe_inject_fault(step, dist.rank)
             ray.train.report(
@@ -435,13 +401,3 @@ def maybe_inject_fault(step: int, rank: int) -> None:
     # idle machine). Real failures are not that punctual: give the controller time to register it.
     time.sleep(FAULT_GRACE_S)
     os._exit(1)
-
-
-def trim_metrics_log(path: Path, through_step: int) -> None:
-    """Drop metrics.jsonl lines after the checkpoint's step: those steps run again and train() appends."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= through_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)

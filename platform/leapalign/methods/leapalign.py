@@ -25,8 +25,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leapalign.config import LeapConfig
-from leapalign.sampling import VelocityFn, euler_step
+from leapalign.config import Config, LeapConfig
+from leapalign.methods.common import (
+    StepRandomness,
+    decode_and_score,
+    hinge_loss,
+    prepare_batch,
+    reward_metrics,
+)
+from leapalign.models.flux import FluxPolicy
+from leapalign.rewards.base import RewardFn
+from leapalign.sampling import VelocityFn, euler_step, rollout
 
 
 def _straight_through(value: Tensor, grad_source: Tensor, scale: float = 1.0) -> Tensor:
@@ -171,6 +180,115 @@ def similarity_weight(d_j: Tensor, d_0: Tensor, tau: float, mode: str = "both") 
     raise ValueError(f"unknown weighting {mode!r}: use both, d_j, d_0 or none")
 
 
-def hinge_loss(rewards: Tensor, weight: Tensor, hinge: float) -> Tensor:
-    """L = mean_b sg(w_b) max(0, lambda - r_b) (Eq. 13): no gradient once a sample clears lambda."""
-    return (weight.detach() * torch.relu(hinge - rewards)).mean()
+# ----------------------------------------------------------------------------- several pairs per rollout
+
+
+def sample_leap_pairs(probabilities: Tensor, count: int, generator: torch.Generator) -> list[tuple[int, int]]:
+    """`count` pairs drawn independently (with replacement) from the pair law."""
+    return [sample_leap_pair(probabilities, generator) for _ in range(count)]
+
+
+def leaps_from_trajectory(
+    velocity_fn: VelocityFn,
+    trajectory: list[Tensor],
+    sigmas: Tensor,
+    pairs: list[tuple[int, int]],
+    alpha: float,
+    weights_fn,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Reuse one no-grad rollout for P leap pairs: x_0 whose gradient is the weighted mean of the pairs'.
+
+    For pair p the two leaps are recomputed from the stored rollout latents (2 transformer calls with a
+    graph), exactly as `rollout_with_leaps` builds them. All pairs share the real x_0 as value, so the
+    reward and the VAE are evaluated once: with per-sample weights w_p and w_bar = mean_p w_p,
+
+        x_0 := x_0 + sum_p c_p (x_hat_0^p - sg(x_hat_0^p)),   c_p = w_p / (P w_bar)
+        L   = mean_b w_bar_b max(0, lambda - r_b(x_0))   =>   dL/dtheta = (1/P) sum_p dL_p/dtheta,
+
+    where L_p is the one-pair LeapAlign loss of pair p. Memory: 2P transformer graphs; compute:
+    N + 2P forwards and 2P backwards instead of P (N + 2) forwards and 2P backwards.
+    Returns (x_0 [B, S, C], w_bar [B], metrics).
+    """
+    x_final = trajectory[-1]
+    predictions, weights, d_js, d_0s = [], [], [], []
+    for k, j in pairs:
+        x_k, x_j = trajectory[k], trajectory[j]
+        with torch.enable_grad():
+            x_hat_j = x_k - (sigmas[k] - sigmas[j]) * velocity_fn(x_k, sigmas[k])  # leap 1 (Eq. 5)
+            x_j_st = _straight_through(x_j, x_hat_j)  # connector 1 (Eq. 6)
+            model_input = _straight_through(x_j, x_hat_j, scale=alpha)
+            x0_hat = x_j_st - sigmas[j] * velocity_fn(model_input, sigmas[j])  # leap 2 (Eq. 7)
+        d_j, d_0 = _mean_abs(x_j - x_hat_j), _mean_abs(x_final - x0_hat)
+        predictions.append(x0_hat)
+        weights.append(weights_fn(d_j, d_0))
+        d_js.append(d_j)
+        d_0s.append(d_0)
+    weight = torch.stack(weights)  # [P, B]
+    mean_weight = weight.mean(dim=0)  # [B]
+    x0 = x_final
+    for w_p, x0_hat in zip(weight, predictions, strict=True):
+        coefficient = (w_p / (len(pairs) * mean_weight)).view(-1, *([1] * (x0_hat.ndim - 1)))
+        x0 = x0 + coefficient * (x0_hat - x0_hat.detach())
+    metrics = {"leap/d_j": torch.stack(d_js).mean(), "leap/d_0": torch.stack(d_0s).mean()}
+    return x0, mean_weight, metrics
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def leapalign_loss(
+    policy: FluxPolicy,
+    prompts: list[str],
+    reward_fn: RewardFn,
+    cfg: Config,
+    sigmas: Tensor,
+    rng: StepRandomness,
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    """The LeapAlign loss of one micro-batch (paper Eq. 4-13); the caller runs backward."""
+    opts = cfg.method.leapalign
+    pair_law = leap_pair_probabilities(sigmas.cpu(), cfg.leap)  # [N, N]; cheap, no state to carry
+    # 1. Frozen text conditioning and the noise: no graph.
+    batch = prepare_batch(policy, prompts, cfg, rng)
+    if opts.pairs_per_rollout == 1:
+        # 2. Full ODE rollout; graphs only at the leap steps k < j (their calls are the rollout's own).
+        k, j = sample_leap_pair(pair_law, rng.steps)
+        leap = rollout_with_leaps(batch.velocity, batch.latents, sigmas, k, j, alpha=opts.alpha)
+        # 3. Reward on the real final image (or on x_hat_0 for the ablation); grads flow to the pixels.
+        final = leap.x0 if opts.reward_on == "final" else leap.x0_hat
+        rewards = decode_and_score(policy, final, prompts, reward_fn, cfg)  # [B]
+        # 4. Trajectory-similarity weight (no grad) and the hinge loss.
+        weight = similarity_weight(leap.d_j, leap.d_0, opts.tau, opts.weighting)  # [B]
+        pair_metrics = {
+            "leap/k": float(k),
+            "leap/j": float(j),
+            "leap/sigma_k": sigmas[k],
+            "leap/sigma_j": sigmas[j],
+            "leap/d_j": leap.d_j.mean(),
+            "leap/d_0": leap.d_0.mean(),
+        }
+    else:
+        if opts.reward_on != "final":
+            raise ValueError(
+                "method.leapalign.reward_on=leap needs pairs_per_rollout=1 (one x_hat_0 to score)"
+            )
+        # 2. One no-grad rollout, then P pairs' leaps recomputed from its latents.
+        pairs = sample_leap_pairs(pair_law, opts.pairs_per_rollout, rng.steps)
+        trajectory = rollout(batch.velocity, batch.latents, sigmas, keep_trajectory=True)
+        final, weight, pair_metrics = leaps_from_trajectory(
+            batch.velocity,
+            trajectory,
+            sigmas,
+            pairs,
+            opts.alpha,
+            lambda d_j, d_0: similarity_weight(d_j, d_0, opts.tau, opts.weighting),
+        )
+        rewards = decode_and_score(policy, final, prompts, reward_fn, cfg)
+        pair_metrics["leap/k"] = sum(k for k, _ in pairs) / len(pairs)
+        pair_metrics["leap/j"] = sum(j for _, j in pairs) / len(pairs)
+    loss = hinge_loss(rewards, weight, opts.hinge)
+    return loss, {
+        "loss": loss.detach(),
+        **reward_metrics(rewards),
+        **pair_metrics,
+        "weight/mean": weight.mean(),
+    }

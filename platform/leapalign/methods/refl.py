@@ -2,7 +2,7 @@
 
 Roll out without a graph to a random late step t (one of the last `last_steps`), take that one step
 with a graph and leap straight to x_hat_0 = x_t - sigma_t v_theta(x_t); the reward is computed on
-x_hat_0, so gradients only ever reach late steps.
+x_hat_0, so gradients only ever reach late steps. Cost: t + 1 forwards and one backward.
 """
 
 from __future__ import annotations
@@ -10,10 +10,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from leapalign.config import Config
+from leapalign.methods.common import (
+    StepRandomness,
+    decode_and_score,
+    hinge_loss,
+    prepare_batch,
+    reward_metrics,
+)
+from leapalign.models.flux import FluxPolicy
+from leapalign.rewards.base import RewardFn
 from leapalign.sampling import VelocityFn, euler_step
 
 
-def sample_refl_step(num_steps: int, last_steps: int, generator: torch.Generator) -> int:
+def sample_late_step(num_steps: int, last_steps: int, generator: torch.Generator) -> int:
     """A step index uniformly among the last `last_steps` (paper: m = 11 of T = 25)."""
     first = max(0, num_steps - last_steps)
     return int(torch.randint(first, num_steps, (1,), generator=generator).item())
@@ -27,3 +37,25 @@ def refl_rollout(velocity_fn: VelocityFn, latents: Tensor, sigmas: Tensor, t: in
             x = euler_step(x, velocity_fn(x, sigmas[i]), sigmas[i], sigmas[i + 1])
     with torch.enable_grad():
         return x - sigmas[t] * velocity_fn(x, sigmas[t]).to(x.dtype)
+
+
+def refl_loss(
+    policy: FluxPolicy,
+    prompts: list[str],
+    reward_fn: RewardFn,
+    cfg: Config,
+    sigmas: Tensor,
+    rng: StepRandomness,
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    opts = cfg.method.refl
+    batch = prepare_batch(policy, prompts, cfg, rng)
+    t = sample_late_step(len(sigmas) - 1, opts.last_steps, rng.steps)
+    x0_hat = refl_rollout(batch.velocity, batch.latents, sigmas, t)
+    rewards = decode_and_score(policy, x0_hat, prompts, reward_fn, cfg)
+    loss = hinge_loss(rewards, None, opts.hinge)
+    return loss, {
+        "loss": loss.detach(),
+        **reward_metrics(rewards),
+        "refl/t": float(t),
+        "refl/sigma_t": sigmas[t],
+    }

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from leapalign.compute import ComputeMeter
 from leapalign.sampling import VelocityFn, flux_sigmas, rollout
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -36,6 +37,10 @@ class PromptEmbeds:
             self.pooled_prompt_embeds.repeat_interleave(times, dim=0),
             self.text_ids,
         )
+
+    def select(self, index: slice | Tensor) -> PromptEmbeds:
+        """The rows `index` of the batch (a slice or a tensor of indices)."""
+        return PromptEmbeds(self.prompt_embeds[index], self.pooled_prompt_embeds[index], self.text_ids)
 
 
 def resolve_model_path(path: str) -> str:
@@ -77,6 +82,7 @@ class FluxPolicy:
         self.vae = pipe.vae
         self.vae_scale_factor = pipe.vae_scale_factor
         self.num_channels_latents = self.transformer.config.in_channels // 4
+        self.meter: ComputeMeter | None = None  # counts transformer calls (compute accounting) when set
         for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
             module.requires_grad_(False)
             module.eval()
@@ -185,7 +191,8 @@ class FluxPolicy:
                     img_ids=latent_image_ids,
                     return_dict=False,
                 )[0]
-            return out.float()
+            meter = self.meter
+            return out.float() if meter is None else meter.count(out.float(), sigma)
 
         return velocity
 

@@ -12,17 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from leapalign.config import Config
-from leapalign.data import resolve_data_path
+from leapalign.evaluation import load_eval_prompts, sample_images
 from leapalign.images import make_grid, save_grid
+from leapalign.io import atomic_path
 from leapalign.models.flux import FluxPolicy
 from leapalign.world.evaluator import evaluate_batch
-from leapalign.world.prompts import read_prompts
 from leapalign.world.scenes import parse_caption
-
-EVAL_SEED = 20_000  # evaluation noise: the same for every run, apart from training's seeds
 
 
 @dataclass
@@ -38,11 +35,6 @@ class EvalResult:
         out = {f"{prefix}/overall": self.overall, f"{prefix}/image_accuracy": self.image_accuracy}
         out.update({f"{prefix}/{cat}": acc for cat, acc in self.per_category.items()})
         return out
-
-
-def load_eval_prompts(cfg: Config) -> list[str]:
-    records = read_prompts(resolve_data_path(cfg.eval.prompts))
-    return [r.prompt for r in records[: cfg.eval.num_prompts]]
 
 
 def load_policy_for_eval(cfg: Config, run_dir: Path | None = None, device: str | None = None) -> FluxPolicy:
@@ -67,30 +59,11 @@ def load_policy_for_eval(cfg: Config, run_dir: Path | None = None, device: str |
     return policy
 
 
-@torch.no_grad()
 def evaluate_policy(policy: FluxPolicy, cfg: Config, prompts: list[str], desc: str = "eval") -> EvalResult:
-    """Sample every prompt images_per_prompt times with fixed seeds and score them exactly."""
-    all_prompts, all_images = [], []
-    batches = [
-        (r, prompts[i : i + cfg.eval.batch_size])
-        for r in range(cfg.eval.images_per_prompt)
-        for i in range(0, len(prompts), cfg.eval.batch_size)
-    ]
-    for batch_index, (r, batch) in enumerate(tqdm(batches, desc=desc)):
-        # Fixed noise, independent of train.seed: every run and seed is scored on the same images' noise.
-        generator = torch.Generator().manual_seed(EVAL_SEED + 1000 * r + batch_index)
-        images = policy.generate(
-            batch,
-            num_steps=cfg.sampler.eval_num_steps,
-            height=cfg.sampler.height,
-            width=cfg.sampler.width,
-            guidance_scale=cfg.sampler.guidance_scale,
-            generator=generator,
-            max_sequence_length=cfg.model.max_sequence_length,
-        )
-        all_images.append(images.cpu())
-        all_prompts.extend(batch)
-    images = torch.cat(all_images)
+    """Sample every prompt images_per_prompt times with the fixed evaluation noise and score them exactly."""
+    images, all_prompts = sample_images(
+        policy, cfg, prompts, images_per_prompt=cfg.eval.images_per_prompt, desc=desc
+    )
     scores = evaluate_batch(images.numpy(), all_prompts)
     return EvalResult(
         overall=float(scores["overall"]),
@@ -127,9 +100,8 @@ def save_comparison(before: EvalResult, after: EvalResult, out_dir: Path, num_co
         for stage, r in (("before", before), ("after", after))
     }
     json_path = out_dir / "eval.json"
-    tmp = json_path.with_name(".eval.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(json_path)
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     # The first prompt of each category first, then the next ones: the grid shows every kind of prompt.
     categories = [parse_caption(p).category for p in before.prompts]
     firsts = [categories.index(c) for c in dict.fromkeys(categories)]
@@ -144,7 +116,7 @@ def save_comparison(before: EvalResult, after: EvalResult, out_dir: Path, num_co
 
 def evaluate_stage(cfg: Config, run_dir: Path | None = None, device: str | None = None) -> EvalResult:
     """Accuracy of the base model (run_dir None) or of a finished run's weights on cfg.eval.prompts."""
-    prompts = load_eval_prompts(cfg)
+    prompts = load_eval_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
     policy = load_policy_for_eval(cfg, run_dir, device)
     return evaluate_policy(policy, cfg, prompts, desc="eval " + ("aligned" if run_dir else "base"))
 

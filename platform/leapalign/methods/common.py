@@ -1,0 +1,93 @@
+"""What every method's micro-step does the same way: random streams, the batch's conditioning and noise,
+decoding and scoring the final images, the hinge loss.
+
+A direct-gradient method is a function
+
+    loss_fn(policy, prompts, reward_fn, cfg, sigmas, rng) -> (loss, metrics)
+
+that builds the graph of one micro-batch and returns a scalar loss; the training recipe runs backward
+(after every data-parallel rank has agreed the rewards were valid). `rng` holds the method's random
+streams; every draw a method makes comes from them, so one seed gives one run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from leapalign.config import Config
+from leapalign.models.flux import FluxPolicy
+from leapalign.rewards.base import RewardFn, check_rewards
+from leapalign.sampling import VelocityFn
+
+
+@dataclass
+class StepRandomness:
+    """Separate streams so that changing one choice (e.g. the pair law) keeps the others' draws.
+
+    noise: initial latents (and any re-noising); steps: which steps a method trains (leap pairs, ReFL's
+    t, DRTune's offsets, GRPO's SDE noise and timestep subsets).
+    """
+
+    noise: torch.Generator
+    steps: torch.Generator
+
+    @classmethod
+    def seeded(cls, seed: int) -> StepRandomness:
+        return cls(torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"noise": self.noise.get_state(), "steps": self.steps.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.noise.set_state(state["noise"])
+        self.steps.set_state(state["steps"])
+
+
+@dataclass
+class Batch:
+    """One micro-batch ready to roll out: its velocity field and initial noise."""
+
+    velocity: VelocityFn  # v_theta(latents [B, S, C], sigma) for these prompts
+    latents: Tensor  # [B, S, C] initial noise, fp32
+    image_ids: Tensor  # [S, 3]
+
+
+def prepare_batch(policy: FluxPolicy, prompts: Sequence[str], cfg: Config, rng: StepRandomness) -> Batch:
+    """Frozen text conditioning (no graph) and the initial noise, drawn from rng.noise."""
+    cond = policy.encode_prompts(list(prompts), cfg.model.max_sequence_length)
+    latents, image_ids = policy.prepare_latents(
+        len(prompts), cfg.sampler.height, cfg.sampler.width, rng.noise
+    )
+    return Batch(policy.velocity_fn(cond, image_ids, cfg.sampler.guidance_scale), latents, image_ids)
+
+
+def decode_and_score(
+    policy: FluxPolicy, latents: Tensor, prompts: Sequence[str], reward_fn: RewardFn, cfg: Config
+) -> Tensor:
+    """Rewards [B] of the decoded latents; gradients flow to the pixels (and on to the latents).
+
+    Raises RewardError (before any backward) when the reward is non-finite or mis-shaped.
+    """
+    images = policy.decode(latents, cfg.sampler.height, cfg.sampler.width)  # [B, 3, H, W] in [0, 1]
+    rewards = reward_fn(images, list(prompts))  # [B]
+    check_rewards(rewards, len(prompts), source=f"reward {cfg.reward.name!r}")
+    return rewards.float()
+
+
+def hinge_loss(rewards: Tensor, weight: Tensor | None, hinge: float) -> Tensor:
+    """L = mean_b sg(w_b) max(0, lambda - r_b) (LeapAlign Eq. 13; w = 1 for the baselines)."""
+    per_sample = torch.relu(hinge - rewards)
+    if weight is not None:
+        per_sample = weight.detach() * per_sample
+    return per_sample.mean()
+
+
+def reward_metrics(rewards: Tensor) -> dict[str, Tensor]:
+    """Metric tensors (turned into floats once per step by the recipe: one GPU sync, not one per value)."""
+    detached = rewards.detach()
+    std = detached.std() if detached.numel() > 1 else torch.zeros((), device=detached.device)
+    return {"reward/mean": detached.mean(), "reward/std": std}

@@ -1,0 +1,5 @@
+"""Training recipes: one visible loop per family of methods, built on leapalign.training's shared pieces.
+
+direct.py  LeapAlign, ReFL, DRaFT-LV, DRTune, full backprop: a loss per micro-batch, backward, step
+grpo.py    the GRPO family: SDE rollouts in groups, advantages, several PPO updates per rollout
+"""

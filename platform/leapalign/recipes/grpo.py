@@ -1,0 +1,214 @@
+"""The GRPO recipe: Flow-GRPO, DanceGRPO, MixGRPO and Flow-GRPO-Fast on the shared training pieces.
+
+One iteration (one `train.iterations` unit):
+  1. plan      which steps are stochastic (SDE) and which (sample, step) transitions are trained
+  2. rollout   train.batch_size prompts x G images, no graph: SDE steps record x_t, x_{t+1} and the
+               rollout policy's log-prob of x_{t+1}; ODE steps elsewhere
+  3. rewards   values only (`score`, never `score_and_grad`), checked; every rank votes before any backward
+  4. advantages (r - group mean) / (std + eps), std over the gathered batch or per group, clipped
+  5. updates   the samples are split into method.grpo.updates_per_rollout shares; each share is one
+               optimizer step: for every trained step t, recompute the log-prob of x_{t+1} under the
+               current policy (a graph on that one call), PPO clipped loss (+ beta KL to the policy with
+               the LoRA adapter disabled), backward at once (memory: one transformer graph at a time)
+The math lives in leapalign.methods.grpo; this file only orders the calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from leapalign.config import Config
+from leapalign.evaluation import score_rewards
+from leapalign.methods.common import StepRandomness
+from leapalign.methods.grpo import (
+    StepPlan,
+    group_advantages,
+    kl_to_reference,
+    plan_steps,
+    ppo_clipped_loss,
+    sde_step,
+)
+from leapalign.models.flux import FluxPolicy, PromptEmbeds
+from leapalign.rewards.base import RewardError
+from leapalign.training import TrainingRun, mean_metrics, to_floats
+
+
+@dataclass
+class GroupRollout:
+    """B = prompts x G samples of one iteration, no graph."""
+
+    prompts: list[str]  # [B] each prompt G times in a row
+    cond: PromptEmbeds  # [B, ...]
+    image_ids: Tensor  # [S, 3]
+    latents: Tensor  # [N + 1, B, S, C] x_{sigma_0} ... x_0
+    log_probs: Tensor  # [B, N] rollout log-prob of x_{t+1} at SDE steps (0 elsewhere)
+    plan: StepPlan
+
+
+def chunks(total: int, size: int) -> list[slice]:
+    size = size or total
+    return [slice(i, min(i + size, total)) for i in range(0, total, size)]
+
+
+def sde_kwargs(cfg: Config, sigmas: Tensor) -> dict:
+    opts = cfg.method.grpo
+    return {"kind": opts.sde, "noise_level": opts.noise_level, "sigma_max": sigmas[1]}
+
+
+@torch.no_grad()
+def group_rollout(
+    policy: FluxPolicy, prompts: list[str], cfg: Config, sigmas: Tensor, rng: StepRandomness, plan: StepPlan
+) -> GroupRollout:
+    """G samples per prompt with the plan's SDE steps; shared initial noise within a group if asked."""
+    opts = cfg.method.grpo
+    group = opts.group_size
+    cond = policy.encode_prompts(prompts, cfg.model.max_sequence_length).repeat(group)  # [B, L, D]
+    height, width = cfg.sampler.height, cfg.sampler.width
+    if opts.shared_noise:
+        noise, image_ids = policy.prepare_latents(len(prompts), height, width, rng.noise)
+        noise = noise.repeat_interleave(group, dim=0)  # [B, S, C]
+    else:
+        noise, image_ids = policy.prepare_latents(len(prompts) * group, height, width, rng.noise)
+    num_steps = len(sigmas) - 1
+    latents = torch.empty((num_steps + 1, *noise.shape), dtype=noise.dtype, device=noise.device)
+    log_probs = torch.zeros(noise.shape[0], num_steps, dtype=torch.float32, device=noise.device)
+    latents[0] = noise
+    for part in chunks(noise.shape[0], opts.micro_batch):
+        velocity_fn = policy.velocity_fn(cond.select(part), image_ids, cfg.sampler.guidance_scale)
+        x = noise[part]
+        for t in range(num_steps):
+            velocity = velocity_fn(x, sigmas[t])
+            level = cfg.method.grpo.noise_level if bool(plan.sde[t]) else 0.0
+            step = sde_step(
+                latents=x,
+                velocity=velocity,
+                sigma=sigmas[t],
+                sigma_next=sigmas[t + 1],
+                generator=rng.steps,
+                **{**sde_kwargs(cfg, sigmas), "noise_level": level},
+            )
+            x = step.prev_sample
+            latents[t + 1, part] = x
+            if step.log_prob is not None:
+                log_probs[part, t] = step.log_prob.float()
+    return GroupRollout([p for p in prompts for _ in range(group)], cond, image_ids, latents, log_probs, plan)
+
+
+@contextmanager
+def reference_policy(policy: FluxPolicy):
+    """Inside: the LoRA adapter is disabled, i.e. the frozen base model is the reference policy."""
+    policy.transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        policy.transformer.enable_adapters()
+
+
+def ppo_update(
+    policy: FluxPolicy,
+    rollout: GroupRollout,
+    advantages: Tensor,
+    samples: Tensor,
+    cfg: Config,
+    sigmas: Tensor,
+) -> list[dict[str, float]]:
+    """Accumulate the PPO gradient of `samples` (indices into the batch) over their trained steps."""
+    opts = cfg.method.grpo
+    train = rollout.plan.train[samples]  # [b, N]
+    total = int(train.sum())  # every trained (sample, step) pair weighs the same
+    metrics = []
+    for t in torch.nonzero(train.any(dim=0)).flatten().tolist():
+        chosen = samples[train[:, t]]  # samples trained at step t
+        for part in chunks(len(chosen), opts.micro_batch):
+            index = chosen[part]
+            cond = rollout.cond.select(index)
+            x_t, x_next = rollout.latents[t, index], rollout.latents[t + 1, index]
+            velocity = policy.velocity_fn(cond, rollout.image_ids, cfg.sampler.guidance_scale)(x_t, sigmas[t])
+            step = sde_step(
+                latents=x_t, velocity=velocity, sigma=sigmas[t], sigma_next=sigmas[t + 1], prev_sample=x_next,
+                **sde_kwargs(cfg, sigmas),
+            )  # fmt: skip
+            loss, step_metrics = ppo_clipped_loss(
+                step.log_prob, rollout.log_probs[index, t], advantages[index], opts.clip_range
+            )
+            if opts.kl_beta > 0:
+                with torch.no_grad(), reference_policy(policy):
+                    ref_velocity = policy.velocity_fn(cond, rollout.image_ids, cfg.sampler.guidance_scale)(
+                        x_t, sigmas[t]
+                    )
+                ref_mean = sde_step(
+                    latents=x_t, velocity=ref_velocity, sigma=sigmas[t], sigma_next=sigmas[t + 1],
+                    prev_sample=x_next, **sde_kwargs(cfg, sigmas),
+                ).mean  # fmt: skip
+                kl = kl_to_reference(step.mean, ref_mean, step.std).mean()
+                loss = loss + opts.kl_beta * kl
+                step_metrics["grpo/kl"] = float(kl.detach())
+            (loss * (len(index) / total)).backward()
+            metrics.append({"loss": float(loss.detach()), **step_metrics})
+    return metrics
+
+
+def train_grpo(run: TrainingRun) -> None:
+    cfg, dist = run.cfg, run.dist
+    opts = cfg.method.grpo
+    num_steps = len(run.sigmas) - 1
+    for step in run.steps:
+        run.begin_update()
+        prompts = run.sampler.next_batch()
+        batch = len(prompts) * opts.group_size
+        # 1-2. Plan and rollout (no graph).
+        with run.timer.phase("rollout"):
+            plan = plan_steps(
+                opts.variant, num_steps, batch, iteration=step, generator=run.rng.steps,
+                train_fraction=opts.train_fraction, window_size=opts.window_size,
+                window_shift_every=opts.window_shift_every,
+            )  # fmt: skip
+            rollout = group_rollout(run.policy, prompts, cfg, run.sigmas, run.rng, plan)
+        # 3. Rewards: values only; all ranks vote before any backward.
+        with run.timer.phase("reward"):
+            with torch.no_grad():
+                images = torch.cat(
+                    [
+                        run.policy.decode(rollout.latents[-1, part], cfg.sampler.height, cfg.sampler.width)
+                        for part in chunks(batch, opts.micro_batch)
+                    ]
+                )
+            try:
+                rewards, error = score_rewards(run.reward_fn, images, rollout.prompts).to(images.device), None
+            except RewardError as err:
+                rewards, error = None, str(err)
+        if not dist.all_true(error is None):
+            update = run.apply_gradients(step, False, error or "a bad reward on another worker")
+            if run.end_step(step, update):
+                break
+            continue
+        # 4. Advantages: group means here, std over every rank's batch ("batch") or per group.
+        gathered = dist.all_gather(rewards.float())
+        advantages = group_advantages(
+            gathered, opts.group_size, std_scope=opts.std_scope, clip=opts.adv_clip
+        ).to(rewards.device)[dist.rank * batch : (dist.rank + 1) * batch]  # [B]
+        # 5. PPO updates: the batch, shuffled, in updates_per_rollout optimizer steps.
+        order = torch.randperm(batch, generator=run.rng.steps).to(rewards.device)
+        updates, step_metrics = [], []
+        for share in torch.tensor_split(order, opts.updates_per_rollout):
+            with run.timer.phase("backward"):
+                step_metrics += ppo_update(run.policy, rollout, advantages, share, cfg, run.sigmas)
+            updates.append(run.apply_gradients(step, True, None))
+        metrics = {
+            **mean_metrics(step_metrics),
+            **mean_metrics(updates),
+            **to_floats(
+                {
+                    "reward/mean": rewards.mean(),
+                    "reward/std": rewards.std() if batch > 1 else torch.zeros(()),
+                    "grpo/adv_abs_mean": advantages.abs().mean(),
+                    "grpo/trained_steps": plan.train.sum(dim=1).float().mean(),
+                }
+            ),
+        }
+        if run.end_step(step, metrics):
+            break

@@ -1,0 +1,592 @@
+"""What every training recipe needs, whatever the method: the pieces the recipes are built from.
+
+    setup_policy       load Flux (diffusers) and make the transformer trainable (LoRA or every weight)
+    LocalContext       one process; TorchDistContext: the same over torch.distributed (Ray Train workers)
+    EMA, PromptSampler the EMA copy and the shuffled prompt order (both part of a checkpoint)
+    TrainingRun        optimizer, random streams, compute meter, evaluator, logging, grids, checkpoints:
+                       `apply_gradients` (all-reduce, clip, step, EMA), `end_step` (log, evaluate,
+                       checkpoint), `finish` (weights and grids)
+
+A recipe (leapalign.recipes.direct for the direct-gradient methods, leapalign.recipes.grpo for GRPO)
+is the visible loop that uses them. Ray, when used, only passes a distributed context and a
+checkpoint hook (leapalign.distributed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from leapalign.compute import ComputeMeter, PhaseTimer
+from leapalign.config import Config, FinetuneConfig, flatten_config, save_config
+from leapalign.data import load_prompts
+from leapalign.images import make_grid, save_grid
+from leapalign.io import atomic_path
+from leapalign.methods.common import StepRandomness
+from leapalign.models.flux import FluxPolicy
+from leapalign.rewards.base import RewardFn
+from leapalign.tracking import RUN_RECORD, NullTracker, Tracker
+
+log = logging.getLogger("leapalign")
+
+CHECKPOINT_DIR = "checkpoints"  # local runs: OUTPUT/checkpoints/step_000050.pt
+# What a run folder holds; train.overwrite=true removes exactly these (never anything else in the folder).
+RUN_FILES = (
+    "config.yaml", "metrics.jsonl", RUN_RECORD, CHECKPOINT_DIR, "lora", "lora_ema", "transformer",
+    "transformer_ema", "samples_before.png", "samples_after.png", "eval.json", "eval_before_after.png",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- distributed context
+
+
+class LocalContext:
+    """One process. Ray Train workers use TorchDistContext (same methods over torch.distributed)."""
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_mean_(self, tensors: Sequence[Tensor]) -> None:
+        pass
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
+    def sum_int(self, value: int) -> int:
+        return value
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """[n, ...] from every rank -> [world_size * n, ...] in rank order."""
+        return tensor
+
+
+class TorchDistContext(LocalContext):
+    """Data parallel over an initialised torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_reduce_mean_(self, tensors: Sequence[Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective for all grads
+        self._dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def all_true(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0])
+        self._dist.all_reduce(value, op=self._dist.ReduceOp.MIN)
+        return bool(value.item() > 0)
+
+    def sum_int(self, value: int) -> int:
+        total = torch.tensor([value], dtype=torch.int64)
+        self._dist.all_reduce(total)
+        return int(total.item())
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- model setup
+
+
+def setup_policy(cfg: Config, device: str | None = None) -> FluxPolicy:
+    """Load the Flux folder and make the transformer trainable (LoRA adapter or every weight)."""
+    device_obj = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mixed = cfg.finetune.mixed_precision
+    autocast = device_obj.type == "cuda" if mixed == "auto" else mixed == "bf16"
+    policy = FluxPolicy.from_pretrained(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        device=device_obj,
+        revision=cfg.model.revision,
+        autocast=autocast,
+    )
+    policy.check_resolution(cfg.sampler.height, cfg.sampler.width)
+    apply_finetune(policy.transformer, cfg.finetune)
+    return policy
+
+
+def apply_finetune(transformer: torch.nn.Module, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
+    """LoRA via peft or full fine-tuning; trainable weights kept in fp32 (master weights)."""
+    transformer.requires_grad_(False)
+    if cfg.mode == "lora":
+        from peft import LoraConfig
+
+        transformer.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules)
+            )
+        )
+    else:
+        transformer.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = trainable_parameters(transformer)
+    if not params:
+        raise ValueError(
+            f"finetune: nothing to train; no module matches lora_target_modules={cfg.lora_target_modules}"
+        )
+    for p in params:
+        p.data = p.data.float()
+    transformer.train()
+    return params
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- EMA and prompt order
+
+
+class EMA:
+    """Exponential moving average of the trained weights (fp32); evaluate with `swapped()`."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self):
+        """Inside: the model holds the EMA weights; afterwards the trained ones again."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved, strict=True):
+                    p.copy_(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params, strict=True)]
+
+
+class PromptSampler:
+    """Shuffled passes over the prompt list; its state is part of a checkpoint."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next_batch(self) -> list[str]:
+        batch = []
+        for _ in range(self.batch_size):
+            if not self.order:
+                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+            batch.append(self.prompts[self.order.pop()])
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def check_output_dir(cfg: Config) -> None:
+    """A new run never silently replaces an old one: refuse unless resuming or train.overwrite=true."""
+    out_dir = Path(cfg.train.output_dir)
+    if cfg.train.resume or cfg.train.overwrite or not out_dir.is_dir():
+        return
+    found = sorted(name for name in RUN_FILES if (out_dir / name).exists())
+    if found:
+        raise FileExistsError(
+            f"train.output_dir={out_dir} already holds a run ({', '.join(found[:4])}); continue it with "
+            f"train.resume=true, replace it with train.overwrite=true, or choose another train.output_dir"
+        )
+
+
+def clear_output_dir(cfg: Config) -> None:
+    """train.overwrite=true: remove the previous run's files (only RUN_FILES; nothing else in the folder)."""
+    out_dir = Path(cfg.train.output_dir)
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def latest_local_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+class LocalCheckpoints:
+    """The checkpoint hook of a run without Ray: OUTPUT/checkpoints/step_<n>.pt, newest `keep` kept."""
+
+    def __init__(self, out_dir: Path, every: int, keep: int):
+        self.folder, self.every, self.keep = out_dir / CHECKPOINT_DIR, every, keep
+
+    def __call__(
+        self, step: int, metrics: dict[str, float], save: Callable[[Path], None], final: bool
+    ) -> None:
+        if step % self.every and not final:
+            return
+        save(self.folder / f"step_{step:06d}.pt")
+        for old in sorted(self.folder.glob("step_*.pt"))[: -self.keep]:
+            old.unlink()
+
+
+def trim_metrics_log(path: Path, through_step: int) -> None:
+    """Drop metrics.jsonl lines after a checkpoint's step: those steps run again and get appended."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= through_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+
+
+def save_trained_weights(policy: FluxPolicy, cfg: Config, out_dir: Path) -> Path:
+    """LoRA in the diffusers format (FluxPipeline.load_lora_weights) or a transformer folder."""
+    if cfg.finetune.mode == "lora":
+        from diffusers import FluxPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy.transformer))
+        # The adapter config travels with the weights: without it a loader assumes lora_alpha = rank.
+        metadata = policy.transformer.peft_config["default"].to_dict()
+        FluxPipeline.save_lora_weights(
+            str(out_dir), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        )
+    else:
+        policy.transformer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def to_floats(metrics: dict[str, float | Tensor]) -> dict[str, float]:
+    """Metric tensors to floats with one device sync for all of them (not one `.item()` each)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    values = (
+        torch.stack([metrics[k].detach().float().reshape(()).cpu() for k in keys]).tolist() if keys else []
+    )
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    out.update(zip(keys, values, strict=True))
+    return out
+
+
+def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+
+
+# ----------------------------------------------------------------------------- the shared run state
+
+
+# on_step_end(step, metrics, save, final): called on every rank after every update; `save(path)` writes
+# this rank's checkpoint. Ray's hook reports checkpoints to Ray; local runs use LocalCheckpoints.
+StepHook = Callable[[int, dict[str, float], Callable[[Path], None], bool], None]
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per update
+    output_dir: Path | None = None
+    run_id: str | None = None
+
+
+class TrainingRun:
+    """The state every recipe shares; a recipe calls `apply_gradients` and `end_step` from its own loop."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        reward_fn: RewardFn,
+        tracker: Tracker,
+        dist: LocalContext,
+        device: str | None,
+        on_step_end: StepHook | None,
+        progress: bool,
+    ):
+        from leapalign.evaluation import HeldOutEvaluator
+
+        self.cfg, self.reward_fn, self.tracker, self.dist = cfg, reward_fn, tracker, dist
+        self.out_dir = Path(cfg.train.output_dir)
+        prompts = load_prompts(cfg.train.prompts)
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        torch.manual_seed(cfg.train.seed)
+        self.policy = setup_policy(cfg, device)
+        self.params = trainable_parameters(self.policy.transformer)
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.ema = EMA(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        # Ranks see different prompts and noise; rank 0 of a 1-worker run equals the single-process run.
+        rank_seed = cfg.train.seed + 1000 * dist.rank
+        self.sampler = PromptSampler(prompts, cfg.train.batch_size, rank_seed)
+        self.rng = StepRandomness.seeded(rank_seed)
+        self.sigmas = self.policy.sigmas(cfg.sampler.num_steps, cfg.sampler.height, cfg.sampler.width)
+        self.meter = ComputeMeter(checkpointing=cfg.finetune.gradient_checkpointing)
+        self.policy.meter = self.meter
+        self.timer = PhaseTimer(self.policy.device)
+        self.grid_prompts = prompts[: cfg.train.num_samples]
+        self.evaluator = (
+            HeldOutEvaluator(cfg, reward_fn) if cfg.eval.during_training and dist.is_main else None
+        )
+        self.on_step_end = on_step_end or LocalCheckpoints(
+            self.out_dir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints
+        )
+        self.progress = progress
+        self.start_step = 0
+        self.nfe_total = 0
+        self.time_total = 0.0
+        self.result = TrainResult(output_dir=self.out_dir, run_id=getattr(tracker, "run_id", None))
+        self.extra_state: dict[str, Any] = {}  # a recipe's own state to checkpoint (e.g. GRPO's nothing yet)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "params": [p.detach().cpu() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "sampler": self.sampler.state_dict(),
+            "randomness": self.rng.state_dict(),
+            "nfe_total": self.nfe_total,
+            "time_total": self.time_total,
+            "eval_nfe_mark": self.evaluator.last_nfe_mark if self.evaluator else 0,
+            "extra": self.extra_state,
+        }
+
+    def save_checkpoint(self, path: Path, step: int) -> None:
+        """torch.save to a temp file, then rename: an interrupted write never replaces a good checkpoint."""
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(step), tmp)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.rng.load_state_dict(state["randomness"])
+        self.start_step = int(state["step"])
+        self.nfe_total = int(state["nfe_total"])
+        self.time_total = float(state["time_total"])
+        if self.evaluator is not None:
+            self.evaluator.last_nfe_mark = int(state["eval_nfe_mark"])
+        self.extra_state = dict(state["extra"])
+        log.info("resumed from %s at step %d", path, self.start_step)
+
+    # ------------------------------------------------------------------ start
+
+    def begin(self, resume_from: Path | None) -> None:
+        """Restore a checkpoint (if any), write the run folder's config and first grid; sets `steps`."""
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        cfg, dist = self.cfg, self.dist
+        if dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+            self.tracker.log_params(flatten_config(cfg))
+            self.tracker.log_artifact(self.out_dir / "config.yaml")
+            if self.start_step == 0:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+                before = self.sample_grid_images()
+                save_grid(make_grid([before], self.grid_prompts), self.out_dir / "samples_before.png")
+                self.tracker.log_artifact(self.out_dir / "samples_before.png", "samples")
+                if self.evaluator is not None:  # the curve starts at the base model, at zero compute
+                    self.log_step(0, self.evaluate())
+            else:
+                trim_metrics_log(self.out_dir / "metrics.jsonl", self.start_step)
+        self.bar = tqdm(
+            total=cfg.train.iterations,
+            initial=self.start_step,
+            desc=cfg.method.name,
+            disable=not (self.progress and dist.is_main),
+        )
+        self.steps = range(self.start_step, cfg.train.iterations)
+
+    # ------------------------------------------------------------------ one update
+
+    def begin_update(self) -> None:
+        self.meter.reset()
+        self.timer.reset()
+
+    def apply_gradients(self, step: int, ok: bool, reason: str | None) -> dict[str, float]:
+        """Average gradients over ranks, clip, step, EMA; skip (weights untouched) when any rank is not ok.
+
+        `ok` must already agree on every rank (the recipe votes before backward). A non-finite gradient
+        norm, the same on every rank after the all-reduce, also skips.
+        """
+        with self.timer.phase("optimizer"):
+            grad_norm = float("nan")
+            if ok:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+                self.dist.all_reduce_mean_(grads)
+                for p, g in zip(self.params, grads, strict=True):
+                    p.grad = g
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
+                ok = math.isfinite(grad_norm)  # CPU-GPU sync: one per optimizer step
+                reason = reason or "non-finite gradient (here or on another worker)"
+            if ok:
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not ok:
+            log.warning("step %d skipped, weights untouched: %s", step + 1, reason)
+            return {"skipped": 1.0}
+        return {"grad_norm": grad_norm, "skipped": 0.0}
+
+    def end_step(self, step: int, metrics: dict[str, float]) -> bool:
+        """Compute, logging, grids, evaluation and the checkpoint hook after update `step` (0-based).
+
+        Returns True when the run is over (last iteration, or the compute budget train.max_nfe spent).
+        """
+        cfg, dist = self.cfg, self.dist
+        nfe = dist.sum_int(self.meter.nfe)  # every worker's compute; the same number on every rank
+        self.nfe_total += nfe
+        step_time = sum(self.timer.seconds.values())
+        self.time_total += step_time
+        done = step + 1 >= cfg.train.iterations or (0 < cfg.train.max_nfe <= self.nfe_total)
+        metrics = {
+            **metrics,
+            **self.timer.metrics(),
+            "time/step_s": step_time,
+            "time/total_s": self.time_total,
+            "compute/nfe": float(nfe),
+            "compute/nfe_total": float(self.nfe_total),
+        }
+        if self.evaluator is not None and (self.evaluator.due(step + 1, self.nfe_total) or done):
+            metrics.update(self.evaluate())
+        self.result.history.append(metrics)
+        if dist.is_main:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "reward/mean") if k in metrics})
+            self.log_step(step + 1, metrics, force=done)
+            if cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
+                images = self.sample_grid_images()
+                path = self.out_dir / f"samples_step{step + 1:05d}.png"
+                self.tracker.log_artifact(save_grid(make_grid([images], self.grid_prompts), path), "samples")
+        self.on_step_end(step + 1, metrics, lambda path: self.save_checkpoint(path, step + 1), done)
+        return done
+
+    def log_step(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
+        append_jsonl(self.out_dir / "metrics.jsonl", {"step": step, **metrics})
+        has_eval = any(k.startswith("eval/") for k in metrics)
+        if step % self.cfg.train.log_every == 0 or force or has_eval:
+            self.tracker.log_metrics({**metrics, "compute/nfe_total": float(self.nfe_total)}, step=step)
+
+    # ------------------------------------------------------------------ evaluation and outputs
+
+    def weights_for_eval(self):
+        return self.ema.swapped() if self.ema is not None and self.cfg.eval.use_ema else nullcontext()
+
+    def evaluate(self) -> dict[str, float]:
+        with self.timer.phase("eval"), self.weights_for_eval():
+            return self.evaluator(self.policy)
+
+    def sample_grid_images(self) -> Tensor:
+        """Evaluation samples: fixed noise (seeded apart from training), the evaluation step count."""
+        cfg = self.cfg
+        return self.policy.generate(
+            self.grid_prompts,
+            num_steps=cfg.sampler.eval_num_steps,
+            height=cfg.sampler.height,
+            width=cfg.sampler.width,
+            guidance_scale=cfg.sampler.guidance_scale,
+            generator=torch.Generator().manual_seed(cfg.train.seed + 10_000),
+            max_sequence_length=cfg.model.max_sequence_length,
+        )
+
+    def finish(self) -> TrainResult:
+        """Trained (and EMA) weights, the before/after grid, all logged to the tracker (rank 0)."""
+        self.bar.close()
+        if not self.dist.is_main:
+            return self.result
+        cfg, out_dir, tracker = self.cfg, self.out_dir, self.tracker
+        name = "lora" if cfg.finetune.mode == "lora" else "transformer"
+        save_trained_weights(self.policy, cfg, out_dir / name)
+        tracker.log_artifact(out_dir / name)
+        rows, labels = [self.sample_grid_images()], ["trained"]
+        if self.ema is not None:
+            with self.ema.swapped():
+                save_trained_weights(self.policy, cfg, out_dir / f"{name}_ema")
+                rows.append(self.sample_grid_images())
+                labels.append("EMA")
+            tracker.log_artifact(out_dir / f"{name}_ema")
+        save_grid(make_grid(rows, self.grid_prompts, labels), out_dir / "samples_after.png")
+        tracker.log_artifact(out_dir / "samples_after.png", "samples")
+        tracker.log_artifact(out_dir / "metrics.jsonl")
+        return self.result
+
+
+def make_run(
+    cfg: Config,
+    *,
+    reward_fn: RewardFn | None = None,
+    tracker: Tracker | None = None,
+    dist: LocalContext | None = None,
+    on_step_end: StepHook | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> TrainingRun:
+    from leapalign.rewards.base import build_reward
+
+    return TrainingRun(
+        cfg,
+        reward_fn=reward_fn or build_reward(cfg.reward.name, cfg.reward.options),
+        tracker=tracker or NullTracker(),
+        dist=dist or LocalContext(),
+        device=device,
+        on_step_end=on_step_end,
+        progress=progress,
+    )

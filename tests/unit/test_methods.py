@@ -1,0 +1,257 @@
+"""Every method on the real tiny Flux: which steps it touches, what it costs, and the GRPO invariants.
+
+`ComputeMeter(trace=True)` records each transformer call (its sigma, whether it built a graph, the
+gradient norm that reached its output in backward), so "ReFL only trains its step t" is checked on the
+model, not assumed. Hand-derived checks on a linear velocity field cover DRTune's stop-gradient and
+the several-pairs-per-rollout estimator.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapalign.compute import ComputeMeter
+from leapalign.config import load_config
+from leapalign.methods import DIRECT_METHODS, update_nfe_range
+from leapalign.methods.common import StepRandomness
+from leapalign.methods.drtune import drtune_rollout, sample_grad_steps
+from leapalign.methods.leapalign import leaps_from_trajectory, rollout_with_leaps
+from leapalign.rewards.simple import ColorMatch
+from leapalign.sampling import rollout
+from leapalign.training import setup_policy
+from tests.conftest import TINY_CONFIG, tiny_overrides
+
+PROMPTS = ["a red square", "a blue circle"]
+
+
+def tiny_cfg(tiny_flux_dir, tmp_path, **extra):
+    values = {"train.batch_size": 2, **extra}
+    return load_config(TINY_CONFIG, tiny_overrides(tiny_flux_dir, tmp_path / "run", **values))
+
+
+def traced_update(cfg, seed=0):
+    """One micro-batch of cfg's method with every call traced; returns (records, metrics, nfe, sigmas)."""
+    torch.manual_seed(0)
+    policy = setup_policy(cfg, "cpu")
+    policy.meter = ComputeMeter(checkpointing=cfg.finetune.gradient_checkpointing, trace=True)
+    sigmas = policy.sigmas(cfg.sampler.num_steps, cfg.sampler.height, cfg.sampler.width)
+    loss, metrics = DIRECT_METHODS[cfg.method.name](
+        policy, PROMPTS, ColorMatch(), cfg, sigmas, StepRandomness.seeded(seed)
+    )
+    loss.backward()
+    return policy.meter.records, metrics, policy.meter.nfe, sigmas
+
+
+def step_index(sigmas, record) -> int:
+    return int(torch.argmin((sigmas[:-1] - record.sigma).abs()))
+
+
+def trained_steps(records, sigmas) -> list[int]:
+    """Steps whose call received a non-zero gradient in backward."""
+    return [step_index(sigmas, r) for r in records if r.grad_norm is not None and r.grad_norm > 0]
+
+
+def test_leapalign_trains_exactly_steps_k_and_j(tiny_flux_dir, tmp_path):
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path)
+    records, metrics, nfe, sigmas = traced_update(cfg)
+    k, j = int(metrics["leap/k"]), int(metrics["leap/j"])
+    assert [step_index(sigmas, r) for r in records] == list(range(10)), "one call per rollout step, in order"
+    assert [step_index(sigmas, r) for r in records if r.graph] == [k, j], f"graphs only at k={k}, j={j}"
+    assert trained_steps(records, sigmas) == [k, j], f"gradients must reach steps k={k} and j={j} only"
+    assert nfe == 2 * (10 + 2 * 2), f"N + 2 leaps x (1 backward = 2 forwards) per image, got {nfe}"
+
+
+def test_refl_trains_only_its_late_step(tiny_flux_dir, tmp_path):
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"method.name": "refl", "method.refl.last_steps": 4})
+    for seed in range(3):
+        records, metrics, nfe, sigmas = traced_update(cfg, seed)
+        t = int(metrics["refl/t"])
+        assert 6 <= t <= 9, f"t={t} must be among the last 4 of 10 steps"
+        assert [step_index(sigmas, r) for r in records] == list(range(t + 1)), "roll out to t, then stop"
+        assert trained_steps(records, sigmas) == [t], f"ReFL trains step t={t} only"
+        assert nfe == 2 * (t + 1 + 2), f"t + 1 forwards and one backward per image, got {nfe}"
+
+
+def test_draft_lv_trains_only_the_last_step(tiny_flux_dir, tmp_path):
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"method.name": "draft_lv", "method.draft_lv.extra_samples": 2})
+    records, _, nfe, sigmas = traced_update(cfg)
+    assert [step_index(sigmas, r) for r in records] == list(range(10)) + [9, 9], "the last step three times"
+    assert trained_steps(records, sigmas) == [9, 9, 9], "only the last step's three calls get gradients"
+    assert nfe == 2 * (9 + 3 * 3), f"9 no-grad steps + 3 x (forward + backward) per image, got {nfe}"
+
+
+def test_full_backprop_trains_every_step(tiny_flux_dir, tmp_path):
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"method.name": "full_backprop"})
+    records, _, nfe, sigmas = traced_update(cfg)
+    assert trained_steps(records, sigmas) == list(range(10)), "full backprop reaches every step"
+    assert nfe == 2 * 10 * 3, f"N forwards + N backwards per image, got {nfe}"
+
+
+def test_drtune_trains_its_k_evenly_spaced_calls(tiny_flux_dir, tmp_path):
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"method.name": "drtune", "method.drtune.grad_steps": 2})
+    records, metrics, nfe, sigmas = traced_update(cfg)
+    t = int(metrics["drtune/t"])
+    graphs = [step_index(sigmas, r) for r in records if r.graph]
+    assert len(records) == t + 1 and len(graphs) == 2, f"t + 1 calls, 2 with a graph: {graphs}"
+    assert trained_steps(records, sigmas) == graphs, "exactly the graph calls receive gradients"
+    assert nfe == 2 * (t + 1 + 2 * 2), f"t + 1 forwards and 2 backwards per image, got {nfe}"
+
+
+def test_measured_cost_lies_in_the_predicted_range(tiny_flux_dir, tmp_path):
+    for name, extra in [
+        ("leapalign", {}),
+        ("leapalign", {"method.leapalign.pairs_per_rollout": 3}),
+        ("refl", {}),
+        ("draft_lv", {}),
+        ("drtune", {}),
+        ("full_backprop", {"finetune.gradient_checkpointing": "true"}),
+    ]:
+        cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"method.name": name, **extra})
+        lo, hi = update_nfe_range(cfg)
+        for seed in range(2):
+            nfe = traced_update(cfg, seed)[2]
+            assert lo <= nfe <= hi, f"{name} {extra}: measured {nfe} outside the predicted [{lo}, {hi}]"
+
+
+# ----------------------------------------------------------------------------- hand-derived, linear field
+
+
+def linear_field(dim=6, seed=0):
+    """v(x, sigma) = W x + sigma c in float64, W and c trainable."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(dim, generator=g, dtype=torch.float64).requires_grad_()
+    return (lambda x, sigma: x @ weight.T + sigma * bias), weight, bias
+
+
+def test_drtune_has_no_gradient_through_model_inputs():
+    velocity, weight, bias = linear_field()
+    sigmas = torch.linspace(1, 0, 9, dtype=torch.float64)
+    latents = torch.randn(1, 6, dtype=torch.float64)
+    t, grad_calls = 6, [1, 4]
+    x0_hat = drtune_rollout(velocity, latents, sigmas, t, grad_calls)
+    direction = torch.randn(1, 6, dtype=torch.float64)
+    (x0_hat * direction).sum().backward()
+    # Hand value without any input-Jacobian term: dL/dW = sum_{i in K} dt_i g sg(x_i)^T and
+    # dL/dc = sum_{i in K} dt_i sigma_i g, with dt the step (or the leap, -sigma_t, at i = t). Were the
+    # inputs not detached, products of W with these terms would appear (full backprop's chain).
+    with torch.no_grad():
+        xs, x = [], latents.detach()
+        for i in range(t + 1):
+            xs.append(x)
+            next_sigma = sigmas[i + 1] if i < t else torch.zeros(())
+            x = x + (next_sigma - sigmas[i]) * velocity(x, sigmas[i])
+        expected = sum(
+            ((sigmas[i + 1] if i < t else 0.0) - sigmas[i]) * direction.T @ xs[i] for i in grad_calls
+        )
+        expected_c = sum(
+            ((sigmas[i + 1] if i < t else 0.0) - sigmas[i]) * sigmas[i] * direction[0] for i in grad_calls
+        )
+    assert torch.allclose(weight.grad, expected, atol=1e-12), (
+        f"dL/dW differs from the hand value by {(weight.grad - expected).abs().max():.2e}"
+    )
+    assert torch.allclose(bias.grad, expected_c, atol=1e-12), "dL/dc differs from the hand value"
+
+
+def test_drtune_grad_calls_are_evenly_spaced():
+    for seed in range(20):
+        calls = sample_grad_steps(12, 3, torch.Generator().manual_seed(seed))
+        gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+        assert len(calls) == 3 and all(g in (3, 4, 5) for g in gaps), f"calls {calls}: spacing 12/3 = 4"
+        assert 0 <= calls[0] < 4, f"first call {calls[0]} must lie within one spacing of 0"
+
+
+def test_several_pairs_give_the_mean_of_the_single_pair_gradients():
+    velocity, weight, bias = linear_field(seed=1)
+    sigmas = torch.linspace(1, 0, 9, dtype=torch.float64)
+    latents = torch.randn(3, 6, dtype=torch.float64)
+    target = torch.randn(3, 6, dtype=torch.float64)
+
+    def per_sample_loss(x0):  # a smooth "reward" loss per sample
+        return ((x0 - target) ** 2).mean(dim=1)
+
+    pairs = [(0, 5), (2, 3), (4, 7)]
+    weights_fn = lambda d_j, d_0: 1.0 / (d_j.clamp_min(0.1) + d_0.clamp_min(0.1))  # noqa: E731
+    # P single-pair LeapAlign losses (weighted), averaged: the reference.
+    grads = []
+    for k, j in pairs:
+        leap = rollout_with_leaps(velocity, latents, sigmas, k, j, alpha=0.3)
+        w = weights_fn(leap.d_j, leap.d_0)
+        grads.append(torch.autograd.grad((w * per_sample_loss(leap.x0)).mean(), (weight, bias)))
+    reference = [sum(g[i] for g in grads) / len(pairs) for i in range(2)]
+    # One rollout, all pairs through one straight-through x_0.
+    trajectory = rollout(velocity, latents, sigmas, keep_trajectory=True)
+    x0, mean_weight, _ = leaps_from_trajectory(velocity, trajectory, sigmas, pairs, 0.3, weights_fn)
+    assert torch.equal(x0.detach(), trajectory[-1]), "the reward still sees the real x_0"
+    combined = torch.autograd.grad((mean_weight * per_sample_loss(x0)).mean(), (weight, bias))
+    for name, got, want in zip(("W", "c"), combined, reference, strict=True):
+        assert torch.allclose(got, want, atol=1e-12), (
+            f"d/d{name}: {(got - want).abs().max():.2e} off the mean"
+        )
+
+
+# ----------------------------------------------------------------------------- GRPO on the tiny model
+
+
+def grpo_cfg(tiny_flux_dir, tmp_path, **extra):
+    values = {
+        "method.name": "grpo",
+        "method.grpo.group_size": 4,
+        "method.grpo.clip_range": 1e-4,
+        "train.iterations": 1,
+        "sampler.eval_num_steps": 2,
+        "train.num_samples": 1,
+        **extra,
+    }
+    return tiny_cfg(tiny_flux_dir, tmp_path, **values)
+
+
+def test_grpo_first_update_has_ratio_one_and_zero_kl(tiny_flux_dir, tmp_path):
+    from leapalign.train import train
+
+    cfg = grpo_cfg(tiny_flux_dir, tmp_path, **{"method.grpo.kl_beta": 0.5})
+    metrics = train(cfg, reward_fn=ColorMatch(), progress=False).history[0]
+    assert metrics["skipped"] == 0.0, f"the update must apply: {metrics}"
+    assert metrics["grpo/ratio_mean"] == 1.0 and metrics["grpo/clip_frac"] == 0.0, (
+        f"first update: the policy is the rollout policy, ratio exactly 1: {metrics}"
+    )
+    assert metrics["grpo/kl"] == 0.0, (
+        f"KL to the adapter-off reference with the LoRA at zero: {metrics['grpo/kl']}"
+    )
+    images, trained = 2 * 4, 9
+    assert metrics["compute/nfe"] == images * (10 + trained * (1 + 2 + 1)), (
+        f"N sampling calls + per trained step forward, backward (2) and the reference forward: {metrics}"
+    )
+    assert metrics["compute/nfe"] == update_nfe_range(cfg)[0], "the predicted cost matches"
+
+
+@pytest.mark.parametrize("variant", ["flow_grpo", "dance_grpo", "mixgrpo", "fast"])
+def test_grpo_variants_update_and_move_the_weights(tiny_flux_dir, tmp_path, variant):
+    from safetensors.torch import load_file
+
+    from leapalign.train import train
+
+    extra = {
+        "method.grpo.variant": variant,
+        "method.grpo.window_size": 2,
+        "method.grpo.updates_per_rollout": 2,
+    }
+    if variant == "dance_grpo":
+        extra |= {
+            "method.grpo.sde": "dance_grpo",
+            "method.grpo.noise_level": 0.3,
+            "method.grpo.shared_noise": "true",
+        }
+    cfg = grpo_cfg(tiny_flux_dir, tmp_path / variant, **extra)
+    history = train(cfg, reward_fn=ColorMatch(), progress=False).history
+    assert history[0]["skipped"] == 0.0 and history[0]["grad_norm"] > 0, f"{variant}: {history[0]}"
+    expected = {"flow_grpo": 9, "dance_grpo": 10, "mixgrpo": 2, "fast": 2}[
+        variant
+    ]  # int(.99 N), round(.99 N), W, W
+    assert history[0]["grpo/trained_steps"] == expected, (
+        f"{variant}: trained steps {history[0]['grpo/trained_steps']}"
+    )
+    lora = load_file(tmp_path / variant / "run" / "lora" / "pytorch_lora_weights.safetensors")
+    moved = max(v.abs().max().item() for k, v in lora.items() if "lora.up" in k)
+    assert moved > 0, f"{variant}: LoRA up (B) starts at zero; two PPO steps must move it"
