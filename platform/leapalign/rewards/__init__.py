@@ -1,5 +1,27 @@
-"""Rewards: anything that maps images [B, 3, H, W] in [0, 1] and prompts to rewards [B]."""
+"""Rewards: anything that maps images [B, 3, H, W] in [0, 1] and prompts to rewards [B].
 
-from leapalign.rewards.base import REWARDS, RewardFn, build_reward, check_rewards, register_reward
+Importing this package imports torch only; a reward's module (and transformers) loads when
+build_reward first asks for it by name (base.REWARD_PATHS).
+"""
 
-__all__ = ["REWARDS", "RewardFn", "build_reward", "check_rewards", "register_reward"]
+from leapalign.rewards.base import (
+    REWARD_PATHS,
+    REWARDS,
+    RewardError,
+    RewardFn,
+    available_rewards,
+    build_reward,
+    check_rewards,
+    register_reward,
+)
+
+__all__ = [
+    "REWARDS",
+    "REWARD_PATHS",
+    "RewardError",
+    "RewardFn",
+    "available_rewards",
+    "build_reward",
+    "check_rewards",
+    "register_reward",
+]

@@ -7,6 +7,8 @@ and prompt b only, which is what lets a remote reward return d r[b] / d image[b]
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,10 +23,27 @@ class RewardFn(Protocol):
         ...
 
 
+# The registry: reward name -> "module:attribute" of its factory (a class or function whose keyword
+# arguments are reward.options). Imported on first use, so `import leapalign.rewards` costs no
+# transformers import and adding a reward is one line here. A bare "module" names a module that
+# registers its reward itself with @register_reward(name) when imported.
+REWARD_PATHS: dict[str, str] = {
+    "color_match": "leapalign.rewards.simple:ColorMatch",
+    "brightness": "leapalign.rewards.simple:Brightness",
+    "clip_score": "leapalign.rewards.clip_score:ClipScore",
+    "pickscore": "leapalign.rewards.clip_score:PickScore",
+    "hpsv2.1": "leapalign.rewards.clip_score:HPSv21",
+    "aesthetic": "leapalign.rewards.aesthetic:AestheticScore",
+    "world_layout": "leapalign.world.layout_reward",
+}
+# Factories registered at run time with @register_reward (tests, modules named in setup_modules, and
+# the bare-module entries above once imported); they take precedence over REWARD_PATHS.
 REWARDS: dict[str, Callable[..., RewardFn]] = {}
 
 
 def register_reward(name: str):
+    """Decorator: make `factory` available as reward.name=`name` in this process."""
+
     def wrap(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         REWARDS[name] = factory
         return factory
@@ -32,17 +51,53 @@ def register_reward(name: str):
     return wrap
 
 
-def build_reward(name: str, options: dict[str, Any] | None = None) -> RewardFn:
-    """A reward from the registry by name; its options are the factory's keyword arguments."""
-    import leapalign.rewards.clip_score  # noqa: F401
-    import leapalign.rewards.simple  # noqa: F401  (registers the built-in rewards)
+def available_rewards() -> list[str]:
+    """Every name build_reward accepts without a plugin path."""
+    return sorted(set(REWARD_PATHS) | set(REWARDS))
 
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}: choose one of {', '.join(sorted(REWARDS))}")
+
+def resolve_reward(name: str) -> Callable[..., RewardFn]:
+    """The factory of a registered name, or of a plugin given as "package.module:Factory"."""
+    if name in REWARDS:
+        return REWARDS[name]
+    target = REWARD_PATHS.get(name, name if ":" in name else None)
+    if target is None:
+        raise ValueError(
+            f"unknown reward {name!r}: choose one of {', '.join(available_rewards())}, "
+            "or name your own as 'package.module:Factory'"
+        )
+    module_name, _, attribute = target.partition(":")
     try:
-        return REWARDS[name](**(options or {}))
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"reward {name!r} lives in module {module_name!r}, which could not be imported ({err}); "
+            "install what it needs or fix the module path"
+        ) from err
+    if not attribute:
+        if name not in REWARDS:
+            raise ValueError(
+                f"module {module_name!r} was imported but did not register reward {name!r} "
+                f"(expected @register_reward({name!r}) in it)"
+            )
+        return REWARDS[name]
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"reward {name!r}: module {module_name!r} has no callable {attribute!r}")
+    return factory
+
+
+def build_reward(name: str, options: dict[str, Any] | None = None) -> RewardFn:
+    """A reward by registry name or plugin path; its options are the factory's keyword arguments."""
+    factory = resolve_reward(name)
+    options = dict(options or {})
+    try:
+        inspect.signature(factory).bind(**options)
     except TypeError as err:
         raise ValueError(f"reward {name!r}: bad reward.options {options!r} ({err})") from None
+    except ValueError:  # no signature to inspect (a builtin): let the call report it
+        pass
+    return factory(**options)
 
 
 class RewardError(ValueError):

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from leapalign.rewards.base import register_reward
-
 NAMED_COLORS = {
     "red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
     "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0),
@@ -43,7 +41,3 @@ class Brightness:
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype, device=images.device)
         return (images * weights[None, :, None, None]).sum(dim=1).mean(dim=(1, 2))
-
-
-register_reward("color_match")(ColorMatch)
-register_reward("brightness")(Brightness)
