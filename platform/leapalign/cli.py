@@ -11,6 +11,7 @@ Bad input (config, prompt file, model folder ...) prints one line saying what to
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -144,6 +145,89 @@ def _report_evaluation(cfg: Config, before, output_dir: Path, run_id: str | None
     print(f"before/after grid: {output_dir / 'eval_before_after.png'}")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Base or trained weights on a prompt set: images, a Parquet table, a summary, an MLflow run."""
+    from leapalign.config import load_config
+    from leapalign.evaluation import evaluate_weights, plan_eval
+    from leapalign.tracking import MLflowTracker, NullTracker
+
+    config = args.config
+    if config is None:  # a run folder (or a weights folder inside one) carries its resolved config
+        for folder in (Path(args.weights), Path(args.weights).parent):
+            if (folder / "config.yaml").is_file():
+                config = folder / "config.yaml"
+                break
+    if config is None:
+        raise ValueError(
+            f"--config is needed: {args.weights} is not inside a run folder with a config.yaml (the config "
+            f"names the base model and the sampler settings)"
+        )
+    cfg = load_config(config, args.overrides)
+    quiet_libraries()
+    if cfg.train.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.torch_threads)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    plan = plan_eval(cfg, args.weights, args.prompts, metrics, args.num_prompts)  # before anything is written
+    name = "base" if args.weights == "base" else Path(args.weights).resolve().name
+    out_dir = Path(args.out or f"outputs/eval/{name}-{Path(args.prompts).stem}")
+    tracker = NullTracker()
+    if cfg.tracking.enabled:
+        tracker = MLflowTracker(cfg.tracking.uri, "eval", run_name=f"{name} on {Path(args.prompts).name}")
+    report = None
+    try:
+        report = evaluate_weights(cfg, plan, out_dir, tracker)
+    finally:
+        tracker.end("FINISHED" if report is not None else "FAILED")
+    width = max(len(k) for k in report.summary)
+    for key, value in report.summary.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    print(f"images, eval.parquet and summary.json in {report.out_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Methods x seeds at an equal compute budget, as concurrent Ray Train runs; then the report."""
+    from leapalign.experiments import load_compare_spec
+
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    labels = [s.strip() for s in args.runs.split(",")] if args.runs else None
+    spec = load_compare_spec(
+        args.spec, args.overrides, budget_nfe=args.budget_nfe, seeds=seeds, labels=labels
+    )
+    quiet_libraries()
+    from leapalign.distributed.tune_runner import run_compare
+
+    out_dir = Path(args.out or f"outputs/compare/{spec.name}").resolve()
+    report = run_compare(spec, out_dir, restart=args.restart)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A Ray Tune search over config keys; every trial a Ray Train run, every run in MLflow."""
+    from leapalign.experiments import load_sweep_spec
+
+    spec = load_sweep_spec(args.spec, args.overrides)
+    if args.num_samples:
+        spec.num_samples = args.num_samples
+    quiet_libraries()
+    from leapalign.distributed.tune_runner import run_sweep
+
+    out_dir = Path(args.out or f"outputs/sweeps/{spec.name}").resolve()
+    best_path, best = run_sweep(spec, out_dir, restart=args.restart)
+    if best is None:
+        print(f"no trial reported {spec.metric}; see {out_dir / 'report'}")
+        return 1
+    shown = {k: v for k, v in best.items() if k not in ("status",)}
+    print(f"best trial: {json.dumps(shown, default=str)}")
+    print(f"best config: {best_path} (train it again: leapalign train {best_path})")
+    print(f"table and plots: {out_dir / 'report'}")
+    return 0
+
+
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from leapalign.models.tiny import build_tiny_flux
 
@@ -172,6 +256,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. experiments/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.leapalign.alpha=0.1")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="score base or trained weights on a prompt set (fixed noise)")
+    p.add_argument("weights", help="'base', a LoRA folder, a transformer folder, or a run's output folder")
+    p.add_argument("prompts", help=".txt or .parquet prompt file (miniature-world prompts enable 'world')")
+    p.add_argument(
+        "--metrics", help="comma-separated: world and/or reward names (default: world + reward.name)"
+    )
+    p.add_argument("--config", help="run config (default: the config.yaml of the run folder)")
+    p.add_argument("--num-prompts", type=int, default=None, help="first N prompts (default eval.num_prompts)")
+    p.add_argument("--out", help="output folder (default outputs/eval/WEIGHTS-PROMPTS)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("compare", help="methods x seeds at equal compute on Ray, with a report")
+    p.add_argument("spec", help="compare spec, e.g. experiments/compare/world_methods.yaml")
+    p.add_argument("--budget-nfe", type=int, default=None, help="override the spec's compute budget per run")
+    p.add_argument("--seeds", help="override the spec's seeds, e.g. 0,1,2")
+    p.add_argument("--runs", help="only these run labels, e.g. LeapAlign,GRPO")
+    p.add_argument("--out", help="output folder (default outputs/compare/NAME)")
+    p.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted one")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of every run's config")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("sweep", help="Ray Tune search over config keys (grid, random, optuna; ASHA)")
+    p.add_argument("spec", help="sweep spec, e.g. experiments/sweeps/world_leap.yaml")
+    p.add_argument("--num-samples", type=int, default=None, help="override the spec's num_samples")
+    p.add_argument("--out", help="output folder (default outputs/sweeps/NAME)")
+    p.add_argument(
+        "--restart", action="store_true", help="start over instead of resuming an interrupted sweep"
+    )
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of every trial's base config")
+    p.set_defaults(func=cmd_sweep)
+    from leapalign.rewards.convert import add_subparser as add_reward_commands
+
+    add_reward_commands(sub)  # leapalign reward convert CKPT OUT
     p = sub.add_parser("build-tiny", help="save a random tiny Flux as a diffusers folder (for tests/demos)")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -185,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after the options (argparse alone stops at the first option).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

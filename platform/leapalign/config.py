@@ -308,7 +308,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    name: str = "color_match"  # reward (leapalign.rewards.REWARDS); with reward.actor set, what it serves
+    name: str = "color_match"  # reward name (leapalign.rewards.base.REWARD_PATHS) or "pkg.module:Factory"
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward factory
     actor: str | None = None  # name of a running Ray reward actor (reward_servers/); None = build in process
     namespace: str = "leapalign"  # Ray namespace the reward actor lives in
@@ -649,6 +649,11 @@ def with_overrides(cfg: Config, flat: dict[str, Any]) -> Config:
     for key, value in flat.items():
         _set_dotted(data, key, value)
     return _build(Config, data, "")
+
+
+def with_cli_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A new config with `key=value` command-line overrides applied, validated."""
+    return _build(Config, _merge(config_to_dict(cfg), parse_overrides(overrides)), "")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -9,7 +9,10 @@ training (`eval.every`), before and after a run (`leapalign train` with `eval.pr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -18,7 +21,7 @@ from tqdm.auto import tqdm
 from leapalign.config import Config
 from leapalign.data import load_prompts
 from leapalign.models.flux import FluxPolicy
-from leapalign.rewards.base import RewardFn, check_rewards
+from leapalign.rewards.base import RewardFn, build_reward, check_rewards
 
 EVAL_SEED = 20_000  # evaluation noise: the same for every run, apart from training's seeds
 
@@ -132,3 +135,156 @@ class HeldOutEvaluator:
         images, prompts = sample_images(policy, self.cfg, self.prompts, desc="held-out eval", progress=False)
         metrics = score_images(images, prompts, world=self.world, rewards=self.rewards)
         return {f"eval/{key}": value for key, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- trained weights
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what FluxPipeline.save_lora_weights writes
+
+
+def resolve_weights(weights: str | Path, use_ema: bool = True) -> tuple[str, Path | None]:
+    """("base", None), ("lora", folder) or ("transformer", folder) for what `weights` names.
+
+    Accepts "base", a LoRA folder (diffusers format), a transformer folder (save_pretrained), or a run's
+    output folder (its lora_ema / lora / transformer_ema / transformer, EMA first when use_ema).
+    """
+    if str(weights) == "base":
+        return "base", None
+    path = Path(weights).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"weights {str(weights)!r}: no such folder; give 'base', a LoRA folder, a transformer folder "
+            f"or a run's output folder"
+        )
+    if (path / LORA_FILE).is_file():
+        return "lora", path
+    if (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model*.safetensors")):
+        return "transformer", path
+    order = ("lora_ema", "lora", "transformer_ema", "transformer") if use_ema else ("lora", "transformer")
+    for name in order:
+        if (path / name).is_dir():
+            return resolve_weights(path / name, use_ema)
+    raise FileNotFoundError(
+        f"{path} holds no trained weights ({LORA_FILE}, a transformer config.json + safetensors, or a run's "
+        f"lora/ or transformer/ folder): did the run finish?"
+    )
+
+
+def load_policy(cfg: Config, weights: str | Path = "base", device: str | None = None) -> FluxPolicy:
+    """The base model of cfg.model.path, plus trained weights, through diffusers' own loaders."""
+    kind, folder = resolve_weights(weights, cfg.eval.use_ema)
+    policy = FluxPolicy.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, device=device)
+    if kind == "lora":
+        policy.pipe.load_lora_weights(str(folder))
+    elif kind == "transformer":
+        from diffusers import FluxTransformer2DModel
+
+        transformer = FluxTransformer2DModel.from_pretrained(str(folder), dtype=policy.transformer.dtype)
+        policy.pipe.transformer = transformer.to(policy.device)
+        policy.transformer = policy.pipe.transformer
+    return policy
+
+
+# ----------------------------------------------------------------------------- `leapalign eval`
+
+
+@dataclass
+class EvalReport:
+    summary: dict[str, float]  # metric -> mean over the prompt set (world: GenEval-style overall, categories)
+    table: Path  # Parquet: one row per image
+    out_dir: Path
+
+
+def build_metric_rewards(cfg: Config, metrics: Sequence[str]) -> dict[str, RewardFn]:
+    """Reward models by registry name ("world" is the exact evaluator, not a reward); the training
+    reward keeps its configured options."""
+    rewards = {}
+    for name in metrics:
+        if name == "world":
+            continue
+        options = cfg.reward.options if name == cfg.reward.name else {}
+        rewards[name] = build_reward(name, options)
+    return rewards
+
+
+@dataclass
+class EvalPlan:
+    """A checked `leapalign eval` request: nothing sampled or written yet."""
+
+    weights: str
+    prompts_path: str
+    prompts: list[str]
+    metrics: list[str]
+    rewards: dict[str, RewardFn]
+
+
+def plan_eval(
+    cfg: Config,
+    weights: str | Path,
+    prompts_path: str,
+    metrics: Sequence[str] | None,
+    num_prompts: int | None,
+) -> EvalPlan:
+    """Everything the user can get wrong (weights, prompts, metric names), checked before any work."""
+    resolve_weights(weights, cfg.eval.use_ema)
+    prompts = load_eval_prompts(prompts_path, num_prompts or cfg.eval.num_prompts)
+    world = is_world_prompt_set(prompts)
+    metrics = list(metrics) if metrics else (["world"] if world else []) + [cfg.reward.name]
+    if "world" in metrics and not world:
+        raise ValueError(f"metric 'world' needs miniature-world prompts; {prompts_path} has others")
+    return EvalPlan(str(weights), prompts_path, prompts, metrics, build_metric_rewards(cfg, metrics))
+
+
+def evaluate_weights(cfg: Config, plan: EvalPlan, out_dir: Path, tracker=None) -> EvalReport:
+    """Sample the plan's prompts with fixed noise from its weights; score; save images, table, summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from leapalign.images import make_grid, save_grid, to_uint8
+    from leapalign.io import atomic_path
+
+    policy = load_policy(cfg, plan.weights)
+    images, image_prompts = sample_images(
+        policy, cfg, plan.prompts, images_per_prompt=cfg.eval.images_per_prompt, desc="eval"
+    )
+    columns: dict[str, list] = {
+        "prompt": image_prompts,
+        "image": [f"images/{i:05d}.png" for i in range(len(images))],
+    }
+    summary: dict[str, float] = {}
+    if "world" in plan.metrics:
+        from leapalign.world.evaluator import evaluate_image
+
+        results = [
+            evaluate_image(image.numpy(), prompt) for image, prompt in zip(images, image_prompts, strict=True)
+        ]
+        columns["category"] = [r["category"] for r in results]
+        columns["correct"] = [bool(r["correct"]) for r in results]
+        summary.update(score_images(images, image_prompts, world=True))
+    for name, reward_fn in plan.rewards.items():
+        values = score_rewards(reward_fn, images, image_prompts)
+        columns[f"reward/{name}"] = values.tolist()
+        summary[f"reward/{name}"] = float(values.mean())
+
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    for array, name in zip(to_uint8(images), columns["image"], strict=True):
+        Image.fromarray(array).save(out_dir / name)
+    table_path = out_dir / "eval.parquet"
+    with atomic_path(table_path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(
+            json.dumps({"weights": plan.weights, "prompts": plan.prompts_path, **summary}, indent=2)
+        )
+    shown = min(8, len(images))
+    save_grid(make_grid([images[:shown]], image_prompts[:shown]), out_dir / "grid.png")
+    if tracker is not None:
+        tracker.log_params(
+            {"weights": plan.weights, "prompts": plan.prompts_path, "metrics": ",".join(plan.metrics)}
+        )
+        tracker.log_metrics(summary, step=0)
+        for name in ("eval.parquet", "summary.json", "grid.png"):
+            tracker.log_artifact(out_dir / name)
+    return EvalReport(summary, table_path, out_dir)

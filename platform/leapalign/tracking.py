@@ -117,40 +117,28 @@ PROGRESS_METRIC = "compute/nfe_total"
 class ResumableTracker:
     """An MLflowTracker that never logs a step twice across restarts and resumes.
 
-    Steps at or below the last one MLflow already holds (replays after a failure or a resume) are dropped
-    on arrival. With `hold=True` step metrics wait for `flush()`, which the Ray path calls right before
-    reporting the checkpoint that covers them, so that MLflow never runs ahead of the newest checkpoint.
+    Steps at or below the last one MLflow already holds (a restarted worker group or a resumed run
+    replays the steps after its checkpoint, with the same numbers) are dropped on arrival.
     """
 
-    def __init__(self, tracker: MLflowTracker, hold: bool = False):
+    def __init__(self, tracker: MLflowTracker):
         self.tracker = tracker
         self.run_id = tracker.run_id
-        self.hold = hold
         history = tracker.client.get_metric_history(tracker.run_id, PROGRESS_METRIC)
         self.logged_through = max((m.step for m in history), default=-1)
-        self.pending: list[tuple[int, dict[str, float]]] = []
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.tracker.log_params(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.logged_through:
-            return
-        self.pending.append((step, dict(metrics)))
-        if not self.hold:
-            self.flush()
+        if step > self.logged_through:
+            self.tracker.log_metrics(metrics, step)
+            self.logged_through = step
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.tracker.log_artifact(path, artifact_path)
 
-    def flush(self) -> None:
-        for step, metrics in self.pending:
-            self.tracker.log_metrics(metrics, step)
-            self.logged_through = max(self.logged_through, step)
-        self.pending.clear()
-
     def end(self, status: str = "FINISHED") -> None:
-        self.flush()
         self.tracker.end(status)
 
 

@@ -520,10 +520,11 @@ class TrainingRun:
         return done
 
     def log_step(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
+        metrics = {**metrics, "compute/nfe_total": float(self.nfe_total)}  # the x-axis of compute curves
         append_jsonl(self.out_dir / "metrics.jsonl", {"step": step, **metrics})
         has_eval = any(k.startswith("eval/") for k in metrics)
         if step % self.cfg.train.log_every == 0 or force or has_eval:
-            self.tracker.log_metrics({**metrics, "compute/nfe_total": float(self.nfe_total)}, step=step)
+            self.tracker.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ evaluation and outputs
 

@@ -16,10 +16,9 @@ folders into STORAGE/RUN/checkpoint_<step>. A restarted worker group (FailureCon
 new `leapalign train ... train.resume=true` (same STORAGE/RUN: Train V2 restores it) continue from the
 newest one with the same numbers an uninterrupted run would give.
 
-MLflow without duplicates: rank 0 holds step metrics back and writes them just before reporting the
-checkpoint that covers them. A step replayed after a failure was either never written (it came after the
-last flush) or written but not covered by a persisted checkpoint; rank 0 asks MLflow for the last step it
-holds when it starts and drops anything at or below it.
+MLflow without duplicates: rank 0 logs every step as it ends (live curves) and, when it starts, asks MLflow
+for the last step it holds; steps replayed after a restart or a resume (the same numbers again) are dropped
+(tracking.ResumableTracker). Metrics also reach Ray every step, so a Tune scheduler sees the curve.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ log = logging.getLogger("leapalign")
 
 # Fault-injection hook for tests and drills: with LEAPALIGN_FAULT_EXIT_AT_STEP=N, rank
 # LEAPALIGN_FAULT_RANK (default 0) kills its process (os._exit(1), like an OOM kill) at the end of step N,
-# after flushing metrics and before reporting the step's checkpoint when one is due: the moment that
+# after logging the step's metrics and before reporting its checkpoint when one is due: the moment that
 # would duplicate MLflow metrics if anything did. LEAPALIGN_FAULT_MARKER names a file created first; an
 # existing file disarms the hook, so the fault happens once. The driver forwards these to the workers.
 FAULT_STEP_ENV = "LEAPALIGN_FAULT_EXIT_AT_STEP"
@@ -84,8 +83,14 @@ class RayRunResult:
     run_id: str | None  # the MLflow run
 
 
-def run_on_ray(cfg: Config) -> RayRunResult:
-    """Train on Ray workers. User errors (ValueError, PermissionError, ...) are raised before any work."""
+def run_on_ray(
+    cfg: Config, *, callbacks: list | None = None, parent_run_id: str | None = None
+) -> RayRunResult:
+    """Train on Ray workers. User errors (ValueError, PermissionError, ...) are raised before any work.
+
+    callbacks: Ray Train callbacks (a Tune trial passes TuneReportCallback); parent_run_id: nest this run's
+    MLflow run under a sweep's or comparison's parent run.
+    """
     cfg = absolute_paths(cfg)
     check_inputs(cfg)
     storage = RunStorage(cfg.ray.storage_path, cfg.ray.run_name or Path(cfg.train.output_dir).name)
@@ -111,7 +116,7 @@ def run_on_ray(cfg: Config) -> RayRunResult:
         if cfg.train.overwrite:
             storage.clear()  # Train V2 would otherwise resume a run folder of the same name
             clear_output_dir(cfg)
-        tracker = open_tracker(cfg, record)
+        tracker = open_tracker(cfg, record, parent_run_id=parent_run_id)
         storage.write_record({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri})
         trainer = TorchTrainer(
             train_worker,
@@ -129,6 +134,7 @@ def run_on_ray(cfg: Config) -> RayRunResult:
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                 worker_runtime_env={"env_vars": fault_env} if fault_env else None,
+                callbacks=callbacks,
             ),
         )
         try:
@@ -322,7 +328,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     tracker: Tracker = NullTracker()
     if rank == 0 and loop_config["run_id"] is not None:
         tracker = ResumableTracker(
-            MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=loop_config["run_id"]), hold=True
+            MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=loop_config["run_id"])
         )
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as checkpoint_dir:
@@ -347,8 +353,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             device=str(get_device()),
             progress=False,
         )
-    if isinstance(tracker, ResumableTracker):
-        tracker.flush()
 
 
 def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> StepHook:
@@ -374,8 +378,6 @@ def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> St
             if dist.is_main:
                 meta = {"step": step, "num_workers": dist.world_size}
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta))
-            if isinstance(tracker, ResumableTracker):
-                tracker.flush()
             maybe_inject_fault(step, dist.rank)
             ray.train.report(
                 {"step": step, **metrics},

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from leapalign.config import Config
-from leapalign.evaluation import load_eval_prompts, sample_images
+from leapalign.evaluation import load_eval_prompts, load_policy, sample_images
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
 from leapalign.models.flux import FluxPolicy
@@ -35,28 +35,6 @@ class EvalResult:
         out = {f"{prefix}/overall": self.overall, f"{prefix}/image_accuracy": self.image_accuracy}
         out.update({f"{prefix}/{cat}": acc for cat, acc in self.per_category.items()})
         return out
-
-
-def load_policy_for_eval(cfg: Config, run_dir: Path | None = None, device: str | None = None) -> FluxPolicy:
-    """The base model, or the base model plus a run's saved weights, through diffusers' loaders."""
-    policy = FluxPolicy.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, device=device)
-    if run_dir is None:
-        return policy
-    name = "lora" if cfg.finetune.mode == "lora" else "transformer"
-    weights = (
-        run_dir / f"{name}_ema" if cfg.eval.use_ema and (run_dir / f"{name}_ema").exists() else run_dir / name
-    )
-    if not weights.exists():
-        raise FileNotFoundError(f"no trained weights in {weights}: did the run finish?")
-    if cfg.finetune.mode == "lora":
-        policy.pipe.load_lora_weights(str(weights))
-    else:
-        from diffusers import FluxTransformer2DModel
-
-        transformer = FluxTransformer2DModel.from_pretrained(str(weights), dtype=policy.transformer.dtype)
-        policy.pipe.transformer = transformer.to(policy.device)
-        policy.transformer = policy.pipe.transformer
-    return policy
 
 
 def evaluate_policy(policy: FluxPolicy, cfg: Config, prompts: list[str], desc: str = "eval") -> EvalResult:
@@ -117,7 +95,7 @@ def save_comparison(before: EvalResult, after: EvalResult, out_dir: Path, num_co
 def evaluate_stage(cfg: Config, run_dir: Path | None = None, device: str | None = None) -> EvalResult:
     """Accuracy of the base model (run_dir None) or of a finished run's weights on cfg.eval.prompts."""
     prompts = load_eval_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
-    policy = load_policy_for_eval(cfg, run_dir, device)
+    policy = load_policy(cfg, run_dir if run_dir is not None else "base", device)
     return evaluate_policy(policy, cfg, prompts, desc="eval " + ("aligned" if run_dir else "base"))
 
 

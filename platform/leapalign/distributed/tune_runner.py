@@ -1,0 +1,367 @@
+"""Many training runs as Ray Tune trials: the engine of `leapalign sweep` and `leapalign compare`.
+
+Each trial is a Ray Train run (Train V2's pattern: a Tune function trainable that fits a TorchTrainer
+with TuneReportCallback, through `run_on_ray`), so a trial is exactly a `leapalign train` run: the same
+checkpoints, restarts, MLflow logging and numbers. Workers report metrics every step, so a scheduler
+(ASHA) sees the held-out curve as it is evaluated, and a trial it stops releases its workers at once.
+
+Folders under the experiment's out_dir:
+    tune/        Ray Tune's experiment state (what `Tuner.restore` resumes from)
+    train/<id>/  each trial's Ray Train storage (checkpoints, run record)
+    runs/<id>/   each trial's run folder (config.yaml, metrics.jsonl, weights, grids)
+    experiment.json   the parent MLflow run a resumed experiment reattaches to
+Resuming (the same command again): finished trials are kept, unfinished ones restart from their own
+newest checkpoint, and every MLflow run and step exists once (nested runs reattach by run record).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from leapalign.config import Config, with_overrides
+from leapalign.distributed.ray_train import RunStorage, absolute_paths, connect_ray, run_on_ray
+from leapalign.io import atomic_path
+from leapalign.tracking import MLflowTracker, NullTracker, Tracker
+
+log = logging.getLogger("leapalign")
+
+TRIAL_FUNCTION_CPUS = 0.01  # the Tune function only waits on its TorchTrainer; the workers hold the CPUs
+EXPERIMENT_RECORD = "experiment.json"
+
+
+@dataclass
+class TrialPlan:
+    """What the Tune driver needs; built by `leapalign sweep` / `leapalign compare`."""
+
+    name: str
+    out_dir: Path
+    base: Config  # every trial's starting config (absolute paths)
+    param_space: dict[str, Any]  # Tune domains (grid_search, uniform, choice, ...)
+    expand: Callable[[dict[str, Any]], dict[str, Any]]  # a trial's params -> dotted config overrides
+    metric: str
+    mode: str = "max"
+    searcher: str = "random"  # grid | random | optuna
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "fifo"})
+    num_samples: int = 1
+    seed: int = 0
+    kind: str = "sweep"  # sweep | compare: the parent MLflow run's tag
+    run_label: Callable[[dict[str, Any]], str] = lambda params: ""  # a trial's MLflow run name
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    params: dict[str, Any]  # as sampled
+    overrides: dict[str, Any]  # as applied to the config
+    status: str  # TERMINATED (finished or stopped early) | ERROR
+    metrics: dict[str, Any]  # the last reported metrics
+    output_dir: Path
+    error: str | None = None
+
+
+def trial_main(params: dict[str, Any], plan: TrialPlan, parent_run_id: str | None) -> None:
+    """One trial: the base config plus the trial's overrides, trained through run_on_ray."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    overrides = plan.expand(params)
+    storage_path = str(plan.out_dir / "train")
+    cfg = with_overrides(
+        plan.base,
+        {
+            **overrides,
+            "train.output_dir": str(plan.out_dir / "runs" / trial_id),
+            "ray.storage_path": storage_path,
+            "ray.run_name": trial_id,
+            "tracking.run_name": plan.run_label(params) or trial_id,
+        },
+    )
+    # A trial restarted by a resumed experiment continues its own Train run (and its MLflow run).
+    resume = RunStorage(storage_path, trial_id).read_record() is not None
+    cfg = with_overrides(cfg, {"train.resume": resume, "train.overwrite": not resume})
+    run_on_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+
+
+def per_trial_resources(cfg: Config) -> dict[str, float]:
+    resources = {"CPU": TRIAL_FUNCTION_CPUS + cfg.ray.num_workers * cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = float(cfg.ray.num_workers)
+    return resources
+
+
+def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
+    """How many trials the cluster holds at once, from each trial's workers (at least one)."""
+    need = per_trial_resources(cfg)
+    fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
+    return max(1, min(fits))
+
+
+def build_search(plan: TrialPlan):
+    """(search_alg, scheduler) for the plan's searcher and scheduler names."""
+    search_alg = None
+    if plan.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=plan.metric, mode=plan.mode, seed=plan.seed)
+    scheduler = None
+    if plan.scheduler.get("name") == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            metric=plan.metric,
+            mode=plan.mode,
+            max_t=int(plan.scheduler.get("max_t", plan.base.train.iterations)),
+            grace_period=int(plan.scheduler.get("grace_period", 1)),
+            reduction_factor=float(plan.scheduler.get("reduction_factor", 2)),
+        )
+    return search_alg, scheduler
+
+
+def open_parent_run(plan: TrialPlan, resume: bool) -> Tracker:
+    if not plan.base.tracking.enabled:
+        return NullTracker()
+    record_path = plan.out_dir / EXPERIMENT_RECORD
+    cfg = plan.base
+    if resume and record_path.is_file():
+        run_id = json.loads(record_path.read_text())["mlflow_run_id"]
+        return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id)
+    tracker = MLflowTracker(
+        cfg.tracking.uri, cfg.tracking.experiment, plan.name, tags={"leapalign.kind": plan.kind}
+    )
+    with atomic_path(record_path) as tmp:
+        tmp.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri}))
+    return tracker
+
+
+def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRecord], Tracker]:
+    """Run (or resume) every trial; returns their records and the open parent MLflow run (caller ends it)."""
+    # Held-out metrics arrive only at evaluation steps; the other steps' reports lack them by design.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    plan.base = absolute_paths(plan.base)
+    tune_path = plan.out_dir / "tune"
+    resume = not restart and tune.Tuner.can_restore(str(tune_path / "trials"))
+    connected = connect_ray(plan.base)
+    parent: Tracker = NullTracker()
+    try:
+        parent = open_parent_run(plan, resume)
+        cluster = ray.cluster_resources()
+        concurrent = max_concurrent_trials(plan.base, cluster)
+        log.info("%s: %s trials at most %d at a time (%s per trial)", plan.name, plan.kind, concurrent,
+                 per_trial_resources(plan.base))  # fmt: skip
+        trainable = tune.with_resources(
+            tune.with_parameters(trial_main, plan=plan, parent_run_id=getattr(parent, "run_id", None)),
+            {"cpu": TRIAL_FUNCTION_CPUS},
+        )
+        if resume:
+            log.info("resuming %s from %s: finished trials are kept", plan.name, tune_path)
+            tuner = tune.Tuner.restore(
+                str(tune_path / "trials"), trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            search_alg, scheduler = build_search(plan)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=plan.param_space,
+                tune_config=tune.TuneConfig(
+                    metric=plan.metric if search_alg is None and scheduler is None else None,
+                    mode=plan.mode if search_alg is None and scheduler is None else None,
+                    search_alg=search_alg,
+                    scheduler=scheduler,
+                    num_samples=plan.num_samples,
+                    max_concurrent_trials=concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name="trials",
+                    storage_path=str(tune_path),
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    verbose=1,
+                ),
+            )
+        grid = tuner.fit()
+        records = []
+        trial_ids = {trial.path: trial.trial_id for trial in grid._experiment_analysis.trials}
+        for result in grid:
+            params = dict(result.config or {})
+            metrics = dict(result.metrics or {})
+            trial_id = trial_ids.get(result.path) or metrics["trial_id"]
+            records.append(
+                TrialRecord(
+                    trial_id=trial_id,
+                    params=params,
+                    overrides=plan.expand(params),
+                    status="ERROR" if result.error else "TERMINATED",
+                    metrics=metrics,
+                    output_dir=plan.out_dir / "runs" / trial_id,
+                    error=str(result.error) if result.error else None,
+                )
+            )
+    except BaseException as err:
+        parent.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        if connected:
+            ray.shutdown()
+    return sorted(records, key=lambda r: r.trial_id), parent
+
+
+def tune_domain(kind: str, values: tuple[Any, ...], searcher: str):
+    """A Tune search-space domain for one parsed distribution."""
+    if kind == "grid":
+        return tune.choice(list(values)) if searcher == "optuna" else tune.grid_search(list(values))
+    if kind == "choice":
+        return tune.grid_search(list(values)) if searcher == "grid" else tune.choice(list(values))
+    low, high = values
+    if kind == "uniform":
+        return tune.uniform(float(low), float(high))
+    if kind == "loguniform":
+        return tune.loguniform(float(low), float(high))
+    return tune.randint(int(low), int(high))
+
+
+def close_trial_runs(plan: TrialPlan, records: list[TrialRecord]) -> None:
+    """A trial the scheduler stopped leaves its MLflow run RUNNING (its workers were killed): mark it KILLED."""
+    if not plan.base.tracking.enabled:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(plan.base.tracking.uri)
+    for record in records:
+        run_record = RunStorage(str(plan.out_dir / "train"), record.trial_id).read_record()
+        if run_record is None:
+            continue
+        run = client.get_run(run_record["mlflow_run_id"])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+# ----------------------------------------------------------------------------- the two commands
+
+
+def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
+    """`leapalign compare`: every (run label, seed) as a trial at the spec's compute budget, then the report."""
+    from leapalign.evaluation import load_eval_prompts, load_policy, sample_images
+    from leapalign.reports import collect_runs, compare_report
+
+    runs = spec.runs
+
+    def expand(params: dict[str, Any]) -> dict[str, Any]:
+        return {**runs[params["run"]], "train.seed": params["train.seed"], "train.max_nfe": spec.budget_nfe}
+
+    plan = TrialPlan(
+        name=spec.name,
+        out_dir=out_dir,
+        base=spec.base,
+        param_space={"run": tune.grid_search(list(runs)), "train.seed": tune.grid_search(list(spec.seeds))},
+        expand=expand,
+        metric=spec.metric,
+        searcher="grid",
+        kind="compare",
+        run_label=lambda params: f"{params['run']} seed {params['train.seed']}",
+    )
+    records, parent = run_trials(plan, restart=restart)
+    close_trial_runs(plan, records)
+    failed = [r for r in records if r.status == "ERROR"]
+    for record in failed:
+        log.error("run %s (%s) failed: %s", record.trial_id, record.params, record.error)
+    entries = [
+        (r.params["run"], int(r.params["train.seed"]), r.output_dir) for r in records if r.status != "ERROR"
+    ]
+    results = collect_runs(entries, spec.metric)
+    # One row per method on the same held-out prompts and noise: the base model first, then each method's
+    # first seed (its EMA weights when it has them).
+    cfg = plan.base
+    grid_rows, grid_prompts = [], None
+    if cfg.eval.prompts:
+        grid_prompts = load_eval_prompts(cfg.eval.prompts, 8)
+        grid_rows.append(("base", sample_images(load_policy(cfg), cfg, grid_prompts, progress=False)[0]))
+        for label in runs:
+            first = next((r for r in results if r.label == label and r.seed == spec.seeds[0]), None)
+            if first is not None and (first.run_dir / "config.yaml").is_file():
+                policy = load_policy(cfg, first.run_dir)
+                grid_rows.append((label, sample_images(policy, cfg, grid_prompts, progress=False)[0]))
+    references = [label for label, overrides in runs.items() if overrides.get("method.name") == "grpo"]
+    report, _ = compare_report(
+        results,
+        spec.metric,
+        out_dir / "report",
+        budget_nfe=spec.budget_nfe,
+        title=f"{spec.name}: {', '.join(runs)} at {spec.budget_nfe:,} forward-equivalents, seeds {spec.seeds}",
+        references=references,
+        grid_rows=grid_rows,
+        grid_prompts=grid_prompts,
+    )
+    parent.log_params({"compare.budget_nfe": spec.budget_nfe, "compare.seeds": str(spec.seeds),
+                       "compare.runs": ", ".join(runs), "compare.metric": spec.metric})  # fmt: skip
+    parent.log_artifact(out_dir / "report", "report")
+    parent.end("FAILED" if failed else "FINISHED")
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {len(records)} runs failed; the report covers the others: {report}"
+        )
+    return report
+
+
+def run_sweep(spec, out_dir: Path, *, restart: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """`leapalign sweep`: the search as Tune trials, then the results table, plots and the best config."""
+    from leapalign.experiments import active_overrides, config_yaml
+    from leapalign.reports import sweep_report
+
+    search = spec.search
+    base = spec.base
+    plan = TrialPlan(
+        name=spec.name,
+        out_dir=out_dir,
+        base=base,
+        param_space={key: tune_domain(p.kind, p.values, spec.searcher) for key, p in search.items()},
+        expand=lambda params: active_overrides(params, search, base),
+        metric=spec.metric,
+        mode=spec.mode,
+        searcher=spec.searcher,
+        scheduler=spec.scheduler,
+        num_samples=spec.num_samples,
+        seed=spec.seed,
+        kind="sweep",
+    )
+    records, parent = run_trials(plan, restart=restart)
+    close_trial_runs(plan, records)
+    trials = [
+        {"trial_id": r.trial_id, "status": r.status, "run_dir": r.output_dir, "params": r.overrides}
+        for r in records
+    ]
+    report_dir = out_dir / "report"
+    best = sweep_report(
+        trials, list(search), spec.metric, spec.mode, report_dir, iterations=base.train.iterations
+    )
+    best_path = out_dir / "best.yaml"
+    if best is not None:
+        record = next(r for r in records if r.trial_id == best["trial_id"])
+        best_cfg = with_overrides(
+            plan.base,
+            {**record.overrides, "train.output_dir": str(out_dir / "best_run"), "ray.run_name": None},
+        )
+        header = (
+            f"# Best trial {record.trial_id} of sweep {spec.name}: final {spec.metric} = "
+            f"{best[f'final/{spec.metric}']:.4f}\n# leapalign train {best_path}\n"
+        )
+        with atomic_path(best_path) as tmp:
+            tmp.write_text(header + config_yaml(best_cfg))
+        parent.log_metrics({f"best/{spec.metric}": best[f"final/{spec.metric}"]}, step=0)
+        parent.log_artifact(best_path)
+    parent.log_params({"sweep.searcher": spec.searcher, "sweep.metric": spec.metric, "sweep.mode": spec.mode,
+                       "sweep.num_samples": spec.num_samples, "sweep.scheduler": json.dumps(spec.scheduler),
+                       "sweep.search": json.dumps({k: [p.kind, list(p.values), p.when] for k, p in search.items()})})  # fmt: skip
+    parent.log_artifact(report_dir, "report")
+    parent.end("FINISHED")
+    return best_path, best
