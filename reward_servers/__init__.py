@@ -1,11 +1,10 @@
-"""Reward models served as Ray actors: one module per served reward, each with its defaults and `serve()`.
+"""Reward models served on Ray Serve: `python -m reward_servers.serve NAME [key=value ...]`.
 
-A module here states how one reward is served: the registered reward it builds (leapalign.rewards),
-the actor name trainers look up (reward.actor in the run config), resources, and the runtime_env the
-scorer needs on a cluster. `python -m reward_servers.serve NAME` starts one as a detached actor.
+Any reward the registry knows (leapalign.rewards.base.REWARD_PATHS) or any plugin given as
+"package.module:Factory" is served the same way it is built in process: the replica calls
+build_reward(NAME, options). There is no list of servable rewards here; adding a reward to the registry
+(one line) makes it servable. The deployment itself is leapalign.distributed.reward_service.RewardModel.
 
 Not an installed package: run from the repository root (the directory holding reward_servers/), as Ray
 jobs and the tests do.
 """
-
-SERVERS = ("color_match", "clip_score")  # module names under reward_servers/

@@ -1,8 +1,9 @@
-"""`leapalign` command line: train, build-tiny, show-config.
+"""`leapalign` command line: train, embed, build-tiny, show-config.
 
     leapalign train experiments/quickstart.yaml method.leapalign.alpha=0.1 train.seed=3
     leapalign train experiments/world/grpo.yaml train.resume=true
     leapalign build-tiny /tmp/tiny-flux
+    leapalign embed --config experiments/quickstart.yaml outputs/text-cache   # then model.text_cache=...
     leapalign show-config experiments/quickstart.yaml leap.distribution=beta
 
 Bad input (config, prompt file, model folder ...) prints one line saying what to fix and exits 2.
@@ -59,6 +60,10 @@ def check_inputs(cfg: Config) -> None:
     if cfg.eval.prompts:
         load_prompts(cfg.eval.prompts)
     check_output_dir(cfg)
+    if cfg.model.text_cache:  # every prompt the run encodes (train + held-out) must be cached, for this model
+        from leapalign.text_cache import check_run_text_cache
+
+        check_run_text_cache(cfg)
     if cfg.train.resume and not cfg.ray.enabled:
         from leapalign.training import latest_local_checkpoint
 
@@ -83,11 +88,9 @@ def train_locally(cfg: Config) -> tuple[str | None, Path]:
     record = json.loads(record_path.read_text()) if cfg.train.resume and record_path.is_file() else None
     if cfg.train.overwrite:
         clear_output_dir(cfg)
-    reward_fn = None
-    if cfg.reward.actor:  # a served reward: the only Ray this path touches (imported lazily)
-        from leapalign.distributed.reward_actor import make_reward_fn
+    from leapalign.rewards.configured import build_configured_reward
 
-        reward_fn = make_reward_fn(cfg.reward)
+    reward_fn = build_configured_reward(cfg.reward)  # one process, no Ray: never served (reward.serve unused)
     tracker = open_tracker(cfg, record)
     if isinstance(tracker, MLflowTracker):
         tracker = ResumableTracker(tracker)
@@ -237,6 +240,49 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """T5 + CLIP prompt embeddings of prompt files (and a config's train/eval prompts) into a text cache."""
+    from dataclasses import replace
+
+    from leapalign.config import ModelConfig, load_config
+    from leapalign.data import load_prompts
+    from leapalign.models.flux import pick_dtype, resolve_model_path
+    from leapalign.text_cache import check_cache_destination, run_prompt_sets, write_text_cache
+
+    cfg = load_config(args.config) if args.config else None
+    flags = {"path": args.model, "max_sequence_length": args.max_sequence_length, "dtype": args.dtype}
+    model = replace(cfg.model if cfg else ModelConfig(), **{k: v for k, v in flags.items() if v is not None})
+    sources = dict.fromkeys([*(run_prompt_sets(cfg) if cfg else []), *args.prompts])  # whole files, in order
+    sets = {source: load_prompts(source) for source in sources}  # checked before anything is written
+    if not sets:
+        raise ValueError("no prompts: give prompt files (leapalign embed TRAIN.txt EVAL.txt OUT) or --config")
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise ValueError(f"--shard-size {args.shard_size} --batch-size {args.batch_size}: use >= 1")
+    resolve_model_path(model.path)
+    check_cache_destination(Path(args.out), args.overwrite)
+    quiet_libraries()
+    from leapalign.models.flux import FluxPolicy
+
+    policy = FluxPolicy.from_pretrained(
+        model.path, dtype=model.dtype, device=args.device, revision=model.revision
+    )  # with its text encoders
+
+    def encode(prompts: list[str]):
+        cond = policy.encode_prompts(prompts, model.max_sequence_length)
+        return cond.prompt_embeds, cond.pooled_prompt_embeds
+
+    prompts = [p for ps in sets.values() for p in ps]
+    out = write_text_cache(
+        encode, prompts, args.out, model_path=model.path, revision=model.revision,
+        max_sequence_length=model.max_sequence_length, dtype=pick_dtype(model.dtype, policy.device),
+        sources=list(sets), shard_size=args.shard_size, batch_size=args.batch_size, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(
+        f"embedded {len(set(prompts))} prompts from {', '.join(sets)} into {out}; use model.text_cache={out}"
+    )
+    return 0
+
+
 def cmd_show_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -292,6 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_tiny)
+    p = sub.add_parser(
+        "embed", help="precompute T5 + CLIP prompt embeddings: train with model.text_cache=OUT"
+    )
+    p.add_argument("prompts", nargs="*", help="prompt files (.txt or .parquet): train and eval prompts alike")
+    p.add_argument("out", help="cache folder to write (atomically)")
+    p.add_argument("--config", help="take model.* and the train/eval prompt files from this run config")
+    p.add_argument("--model", help="diffusers Flux folder or hub id (default: the config's model.path)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the config's)")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float64 (default: the config's model.dtype)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--shard-size", type=int, default=256, help="prompts per safetensors shard")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per encoder call")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache at OUT")
+    p.set_defaults(func=cmd_embed)
     p = sub.add_parser("show-config", help="print the resolved config (defaults <- YAML <- overrides)")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")

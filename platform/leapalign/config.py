@@ -33,6 +33,7 @@ class ModelConfig:
     dtype: str = "auto"  # weights dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float64
     max_sequence_length: int = 64  # T5 tokens per prompt (Flux.1-dev uses 512); 1..512
     revision: str | None = None  # hub revision; ignored for local folders
+    text_cache: str | None = None  # folder from `leapalign embed`; no text encoders loaded. None = encode
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path is empty: give a diffusers Flux folder or a hub id")
@@ -308,19 +309,98 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    name: str = "color_match"  # reward name (leapalign.rewards.base.REWARD_PATHS) or "pkg.module:Factory"
-    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward factory
-    actor: str | None = None  # name of a running Ray reward actor (reward_servers/); None = build in process
-    namespace: str = "leapalign"  # Ray namespace the reward actor lives in
+    name: str = "color_match"  # registered reward (REWARD_PATHS), "pkg.module:Factory", or weighted_sum
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory; see below
+    serve: bool = True  # Ray path: each reward model is a Ray Serve deployment; false = built in every worker
+    app: str | None = None  # running Serve application to call; None = deploy/reuse one named by the reward
+    replicas: int = 1  # replicas per deployment, each a Ray actor holding the model; >= 1
+    max_replicas: int = 0  # > replicas: autoscale up to this on queued requests; 0 = fixed at replicas
+    cpus_per_replica: float = 1.0  # CPUs per replica; > 0 (its torch threads: train.torch_threads, or this)
+    gpus_per_replica: float = 0.0  # GPUs per replica; fractions share a GPU (0.25: four replicas); >= 0
+    max_batch: int = 32  # images per batched forward (+ backward) in a replica; >= 1
+    batch_wait_ms: float = 5.0  # how long a replica waits for other callers' images before a batch; >= 0
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # replicas' own runtime_env; {} = the cluster's
+
+    # reward.name of a weighted sum of rewards, each its own deployment when served; its options map a label
+    # (logged as reward/<label>) to {name, weight (default 1), options, and any of SERVING_KEYS}, or to a weight.
+    WEIGHTED_SUM: typing.ClassVar[str] = "weighted_sum"
+    SERVING_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "app", "replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica", "max_batch", "batch_wait_ms",
+        "runtime_env",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "reward.name is empty: name a reward (e.g. color_match)")
         _check(
-            self.actor is None or bool(self.actor.strip()),
-            "reward.actor is empty: name a running reward actor (python -m reward_servers.serve NAME) "
-            "or leave it unset (null) to build the reward in process",
+            self.app is None or bool(self.app.strip()),
+            "reward.app is empty: name a running Serve application (python -m reward_servers.serve NAME) or "
+            "leave it unset (null) to deploy the reward from this config",
         )
-        _check(bool(self.namespace), "reward.namespace is empty: use the namespace the actor was started in")
+        _check(self.replicas >= 1, f"reward.replicas={self.replicas}: use >= 1")
+        _check(
+            self.max_replicas == 0 or self.max_replicas > self.replicas,
+            f"reward.max_replicas={self.max_replicas}: use 0 (a fixed count of reward.replicas) or more than "
+            f"reward.replicas={self.replicas} (autoscaling between the two)",
+        )
+        _check(
+            self.cpus_per_replica > 0, f"reward.cpus_per_replica={self.cpus_per_replica}: use > 0 (e.g. 1)"
+        )
+        _check(self.gpus_per_replica >= 0, f"reward.gpus_per_replica={self.gpus_per_replica}: use >= 0")
+        _check(self.max_batch >= 1, f"reward.max_batch={self.max_batch}: use >= 1")
+        _check(self.batch_wait_ms >= 0, f"reward.batch_wait_ms={self.batch_wait_ms}: use >= 0")
+        if self.name == self.WEIGHTED_SUM:
+            self.components()  # validated now, not when the first worker builds it
+
+    def components(self) -> dict[str, dict[str, Any]]:
+        """weighted_sum: label -> {name, weight, options} plus the component's own serving settings."""
+        return self.parse_components(self.options)
+
+    @classmethod
+    def parse_components(cls, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """weighted_sum options -> {label: {"name", "weight", "options", *SERVING_KEYS}}; a bare number is
+        the weight of the registered reward named by the label. Serving keys left out are the top level's."""
+        _check(
+            isinstance(options, dict) and len(options) > 0,
+            "reward.name=weighted_sum needs reward.options: {label: {name: REWARD, weight: W}, ...} "
+            "(e.g. hps: {name: hpsv2.1, weight: 0.7}, clip: {name: clip_score, weight: 1.4})",
+        )
+        parsed = {}
+        for label, spec in options.items():
+            where = f"reward.options.{label}"
+            _check(
+                isinstance(label, str) and label.replace("_", "").replace("-", "").isalnum(),
+                f"{where}: use letters, digits, _ or - in a label (it becomes the metric reward/<label>)",
+            )
+            _check(label not in ("mean", "std"), f"{where}: reward/{label} is taken; choose another label")
+            if isinstance(spec, int | float) and not isinstance(spec, bool):
+                spec = {"name": label, "weight": spec}
+            _check(
+                isinstance(spec, dict), f"{where}={spec!r}: expected {{name: NAME, weight: W}} or a weight"
+            )
+            unknown = sorted(set(spec) - {"name", "weight", "options", *cls.SERVING_KEYS})
+            _check(
+                not unknown,
+                f"{where}: unknown key(s) {', '.join(unknown)}; valid: name, weight, options, "
+                f"{', '.join(cls.SERVING_KEYS)}",
+            )
+            weight = spec.get("weight", 1.0)
+            _check(
+                isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight),
+                f"{where}.weight={weight!r}: expected a finite number",
+            )
+            name = spec.get("name", label)
+            _check(
+                isinstance(name, str) and bool(name) and name != cls.WEIGHTED_SUM,
+                f"{where}.name={name!r}: name one registered reward or plugin (weighted sums do not nest)",
+            )
+            serving = {key: spec[key] for key in cls.SERVING_KEYS if key in spec}
+            try:  # the component's serving settings pass the same checks as the top level's
+                _build(cls, {"name": name, "options": spec.get("options") or {}, **serving}, "reward")
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            parsed[label] = {"name": name, "weight": float(weight), "options": dict(spec.get("options") or {}),
+                             **serving}  # fmt: skip
+        return parsed
 
 
 @dataclass(frozen=True)
@@ -590,7 +670,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's sections; a top-level `base: other.yaml` (relative to this file) is read first and
+    this file's values are merged over it, so a family of configs can share one base."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -603,7 +685,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     _check(isinstance(data, dict), f"config file {path} must hold a mapping of sections (model:, train: ...)")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    _check(isinstance(base, str) and bool(base), f"{path}: `base:` must name another config file")
+    base_path = (path.parent / base).resolve()
+    _check(base_path not in _seen, f"{path}: `base:` chain loops back to {base_path}")
+    return _merge(read_yaml(base_path, (*_seen, path.resolve())), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -174,7 +174,13 @@ def resolve_weights(weights: str | Path, use_ema: bool = True) -> tuple[str, Pat
 def load_policy(cfg: Config, weights: str | Path = "base", device: str | None = None) -> FluxPolicy:
     """The base model of cfg.model.path, plus trained weights, through diffusers' own loaders."""
     kind, folder = resolve_weights(weights, cfg.eval.use_ema)
-    policy = FluxPolicy.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, device=device)
+    policy = FluxPolicy.from_pretrained(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        device=device,
+        revision=cfg.model.revision,
+        text_cache=cfg.model.text_cache,
+    )
     if kind == "lora":
         policy.pipe.load_lora_weights(str(folder))
     elif kind == "transformer":

@@ -49,6 +49,7 @@ from leapalign.config import (
     with_cli_overrides,
     with_overrides,
 )
+from leapalign.training import check_run_inputs
 
 SEARCHERS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -255,6 +256,7 @@ def load_sweep_spec(path: str | Path, config_overrides: list[str] | None = None)
         raise ConfigError(f"{path}: `search:` must map at least one dotted config key to a distribution")
     search = {key: parse_param(key, value) for key, value in search_raw.items()}
     check_search_space(base, search)
+    check_run_inputs(base)
     searcher = raw.get("searcher", "random")
     if searcher not in SEARCHERS:
         raise ConfigError(f"{path}: unknown searcher {searcher!r}; choose one of {', '.join(SEARCHERS)}")
@@ -300,16 +302,21 @@ def load_sweep_spec(path: str | Path, config_overrides: list[str] | None = None)
 class CompareSpec:
     name: str
     path: Path
-    base: Config
-    runs: dict[str, dict[str, Any]]  # label -> dotted overrides
+    base: Config  # the spec's base config with its overrides and the command line's
+    runs: dict[str, dict[str, Any] | Path]  # label -> dotted overrides of base, or a config file of its own
     seeds: list[int]
     budget_nfe: int
     metric: str = "eval/overall"
+    overrides: dict[str, Any] = field(default_factory=dict)  # the spec's overrides (every run)
+    cli_overrides: list[str] = field(default_factory=list)  # the command line's (every run, last)
 
     def run_config(self, label: str, seed: int) -> Config:
-        return with_overrides(
-            self.base, {**self.runs[label], "train.seed": seed, "train.max_nfe": self.budget_nfe}
-        )
+        run = self.runs[label]
+        if isinstance(run, Path):  # a method's own config file: the spec's shared overrides go on top
+            cfg = with_cli_overrides(with_overrides(load_config(run), self.overrides), self.cli_overrides)
+        else:
+            cfg = with_cli_overrides(with_overrides(self.base, run), self.cli_overrides)
+        return with_overrides(cfg, {"train.seed": seed, "train.max_nfe": self.budget_nfe})
 
 
 def load_compare_spec(
@@ -332,7 +339,19 @@ def load_compare_spec(
         raise ConfigError(
             f"{path}: `runs:` must map labels to dotted overrides (e.g. GRPO: {{method.name: grpo}})"
         )
-    runs = {str(label): dict(overrides or {}) for label, overrides in runs_raw.items()}
+    runs: dict[str, dict[str, Any] | Path] = {}
+    for label, run in runs_raw.items():
+        if isinstance(run, str):  # a config file, relative to the spec
+            run_path = (path.parent / run).resolve()
+            if not run_path.is_file():
+                raise ConfigError(f"{path}: run {label!r}: config file {run_path} does not exist")
+            runs[str(label)] = run_path
+        elif isinstance(run, dict) or run is None:
+            runs[str(label)] = dict(run or {})
+        else:
+            raise ConfigError(
+                f"{path}: run {label!r} must be a config file path or a mapping of dotted overrides"
+            )
     if labels:
         missing = sorted(set(labels) - set(runs))
         if missing:
@@ -374,6 +393,8 @@ def load_compare_spec(
                 f"(at most {update_nfe_range(cfg)[1] * workers} per update); raise train.iterations"
             )
         configs.append(cfg)
+    for cfg in {(c.model.path, c.train.prompts, c.eval.prompts, c.reward.name): c for c in configs}.values():
+        check_run_inputs(cfg)
     check_metric(spec.metric, configs)
     return spec
 

@@ -124,6 +124,7 @@ def setup_policy(cfg: Config, device: str | None = None) -> FluxPolicy:
         device=device_obj,
         revision=cfg.model.revision,
         autocast=autocast,
+        text_cache=cfg.model.text_cache,
     )
     policy.check_resolution(cfg.sampler.height, cfg.sampler.width)
     apply_finetune(policy.transformer, cfg.finetune)
@@ -223,6 +224,22 @@ class PromptSampler:
 
 
 # ----------------------------------------------------------------------------- run folders
+
+
+def check_run_inputs(cfg: Config) -> None:
+    """What a run would otherwise fail on after minutes: the model folder, the prompt files, the reward.
+
+    Reads, never writes. A reward served by a named application (reward.app) is checked where it is found.
+    """
+    from leapalign.models.flux import resolve_model_path
+    from leapalign.rewards.base import build_reward
+
+    resolve_model_path(cfg.model.path)
+    load_prompts(cfg.train.prompts)
+    if cfg.eval.prompts:
+        load_prompts(cfg.eval.prompts)
+    if not cfg.reward.app:
+        build_reward(cfg.reward.name, cfg.reward.options)
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -580,11 +597,11 @@ def make_run(
     device: str | None = None,
     progress: bool = True,
 ) -> TrainingRun:
-    from leapalign.rewards.base import build_reward
+    from leapalign.rewards.configured import build_configured_reward
 
     return TrainingRun(
         cfg,
-        reward_fn=reward_fn or build_reward(cfg.reward.name, cfg.reward.options),
+        reward_fn=reward_fn or build_configured_reward(cfg.reward),  # checked; gradients as when served
         tracker=tracker or NullTracker(),
         dist=dist or LocalContext(),
         device=device,

@@ -1,8 +1,8 @@
-"""A deliberately broken reward for test_reward_actor.py, registered only where this module is imported.
+"""A deliberately broken reward for test_reward_serving.py, served by its plugin path.
 
-The reward actors under test import it in their own process (launch_reward_actor(setup_modules=...)),
-so neither the test process's registry nor any real run's ever holds "test_broken". A NaN reward
-must be stopped where it is produced (the actor) and reported where it matters (the trainer).
+The replica under test builds it as "tests.integration.broken_rewards:BrokenReward" (a plugin path, looked
+up lazily like any registered name), so no real run's registry ever holds it. A NaN reward must be stopped
+where it is produced (the replica) and reported where it matters (the trainer).
 """
 
 from __future__ import annotations

@@ -112,3 +112,28 @@ def test_core_never_imports_ray():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"the core imported ray: {proc.stderr[-1000:]}"
+
+
+def test_every_shipped_config_and_spec_is_valid():
+    from leapalign.experiments import load_compare_spec, load_sweep_spec
+
+    configs = sorted((REPO / "experiments").rglob("*.yaml"))
+    checked = []
+    for path in configs:
+        head = path.read_text().splitlines()[0]
+        if path.parent.name == "compare":
+            spec = load_compare_spec(path)
+            assert len(spec.runs) >= 2 and spec.budget_nfe > 0, f"{path}: a comparison of >= 2 runs"
+        elif path.parent.name == "sweeps":
+            spec = load_sweep_spec(path)
+            assert spec.search, f"{path}: a search space"
+        else:
+            load_config(path)
+        if path.name != "base.yaml":
+            assert head.startswith("# ") and ("leapalign" in head or "ray job submit" in head), (
+                f"{path}: the first line is the launch command, got {head!r}"
+            )
+        checked.append(path.name)
+    assert {"world_methods.yaml", "world_ablations.yaml", "world_leap.yaml", "leapalign_hpsv2.yaml"} <= set(
+        checked
+    ), f"shipped experiments: {checked}"

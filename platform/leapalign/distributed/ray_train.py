@@ -41,9 +41,14 @@ from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from leapalign.config import Config, with_overrides
 from leapalign.data import load_prompts
-from leapalign.distributed.reward_actor import make_reward_fn
+from leapalign.distributed.reward_service import (
+    absolute_reward_paths,
+    check_reward_config,
+    ensure_reward_service,
+    make_reward_fn,
+    reward_service_resources,
+)
 from leapalign.models.flux import resolve_model_path
-from leapalign.rewards.base import build_reward
 from leapalign.tracking import (
     RUN_RECORD,
     MLflowTracker,
@@ -113,6 +118,10 @@ def run_on_ray(
         check_cluster(
             cfg, private=connected and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
         )
+        # The reward on Ray Serve (reward.serve, default on this path): deployed now, or found running (a
+        # sweep's driver deploys it once for all trials). A private cluster takes it down with it; on a shared
+        # one it stays for the next run (python -m reward_servers.serve --stop APP to remove it).
+        cfg = ensure_reward_service(cfg)
         if cfg.train.overwrite:
             storage.clear()  # Train V2 would otherwise resume a run folder of the same name
             clear_output_dir(cfg)
@@ -175,9 +184,12 @@ def absolute_paths(cfg: Config) -> Config:
     for key, value, exists in (
         ("model.path", cfg.model.path, Path(cfg.model.path).expanduser().is_dir()),
         ("train.prompts", cfg.train.prompts, Path(cfg.train.prompts).expanduser().is_file()),
+        ("eval.prompts", cfg.eval.prompts, bool(cfg.eval.prompts) and Path(cfg.eval.prompts).expanduser().is_file()),
+        ("model.text_cache", cfg.model.text_cache, bool(cfg.model.text_cache) and Path(cfg.model.text_cache).expanduser().is_dir()),
     ):
         if exists:
             updates[key] = str(Path(value).expanduser().resolve())
+    updates.update(absolute_reward_paths(cfg.reward))  # reward replicas do not start in this folder either
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         updates["tracking.uri"] = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
@@ -188,8 +200,7 @@ def check_inputs(cfg: Config) -> None:
     """What the workers would otherwise fail on after minutes (and max_failures retries) fails here."""
     resolve_model_path(cfg.model.path)
     load_prompts(cfg.train.prompts)
-    if not cfg.reward.actor:  # built once here to check name and options; served rewards are checked later
-        build_reward(cfg.reward.name, cfg.reward.options)
+    check_reward_config(cfg)  # names and options; a reward built in each worker is built here once
     check_output_dir(cfg)
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.uri)
@@ -277,32 +288,29 @@ def connect_ray(cfg: Config) -> bool:
 
 
 def check_cluster(cfg: Config, private: bool) -> None:
-    """Resources a private cluster can never grow into, and a named reward actor that is not running.
+    """Resources a private cluster can never grow into (the workers and the reward replicas).
 
     A shared cluster may add nodes (autoscaling), so there Ray Train waits for resources instead.
     """
     if private:
         total = ray.cluster_resources()
-        need_cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        reward = reward_service_resources(cfg)  # the reward replicas' share (reward.serve=true)
+        need_cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker + reward["CPU"]
         if need_cpus > total.get("CPU", 0) + 1e-9:
             raise ValueError(
-                f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs "
-                f"{need_cpus:g} CPUs but this machine has {total.get('CPU', 0):g}: lower either (e.g. "
-                f"ray.cpus_per_worker=0.5)"
+                f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker}"
+                + (f" + the reward replicas' {reward['CPU']:g}" if reward["CPU"] else "")
+                + f" needs {need_cpus:g} CPUs but this machine has {total.get('CPU', 0):g}: lower either (e.g. "
+                f"ray.cpus_per_worker=0.5"
+                + (", reward.cpus_per_replica=0.5, or reward.serve=false)" if reward["CPU"] else ")")
             )
-        if cfg.ray.use_gpu and cfg.ray.num_workers > total.get("GPU", 0):
+        need_gpus = (cfg.ray.num_workers if cfg.ray.use_gpu else 0) + reward["GPU"]
+        if need_gpus > total.get("GPU", 0) + 1e-9:
             raise ValueError(
-                f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers} needs that many GPUs; this "
-                f"machine has {total.get('GPU', 0):g}: set ray.use_gpu=false or fewer workers"
+                f"ray.use_gpu={str(cfg.ray.use_gpu).lower()} with ray.num_workers={cfg.ray.num_workers} and "
+                f"{reward['GPU']:g} GPUs for the reward replicas needs {need_gpus:g} GPUs; this machine has "
+                f"{total.get('GPU', 0):g}: set ray.use_gpu=false, fewer workers or reward.gpus_per_replica=0"
             )
-    if cfg.reward.actor:
-        try:
-            ray.get_actor(cfg.reward.actor, namespace=cfg.reward.namespace)
-        except ValueError:
-            raise ValueError(
-                f"reward.actor={cfg.reward.actor!r} is not running in namespace {cfg.reward.namespace!r}: start "
-                f"it with `python -m reward_servers.serve {cfg.reward.actor}` first"
-            ) from None
 
 
 def raise_user_error(err: Exception) -> None:

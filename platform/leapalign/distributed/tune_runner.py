@@ -30,6 +30,7 @@ from ray import tune
 
 from leapalign.config import Config, with_overrides
 from leapalign.distributed.ray_train import RunStorage, absolute_paths, connect_ray, run_on_ray
+from leapalign.distributed.reward_service import ensure_reward_service
 from leapalign.io import atomic_path
 from leapalign.tracking import MLflowTracker, NullTracker, Tracker
 
@@ -45,9 +46,10 @@ class TrialPlan:
 
     name: str
     out_dir: Path
-    base: Config  # every trial's starting config (absolute paths)
+    base: Config  # the shared settings (tracking, ray resources, eval); absolute paths
     param_space: dict[str, Any]  # Tune domains (grid_search, uniform, choice, ...)
-    expand: Callable[[dict[str, Any]], dict[str, Any]]  # a trial's params -> dotted config overrides
+    configure: Callable[[dict[str, Any]], Config]  # a trial's params -> its run config (absolute paths)
+    expand: Callable[[dict[str, Any]], dict[str, Any]]  # a trial's params -> what it changes (for reports)
     metric: str
     mode: str = "max"
     searcher: str = "random"  # grid | random | optuna
@@ -74,12 +76,10 @@ def trial_main(params: dict[str, Any], plan: TrialPlan, parent_run_id: str | Non
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    overrides = plan.expand(params)
     storage_path = str(plan.out_dir / "train")
     cfg = with_overrides(
-        plan.base,
+        plan.configure(params),
         {
-            **overrides,
             "train.output_dir": str(plan.out_dir / "runs" / trial_id),
             "ray.storage_path": storage_path,
             "ray.run_name": trial_id,
@@ -155,6 +155,8 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
     connected = connect_ray(plan.base)
     parent: Tracker = NullTracker()
     try:
+        # The trials' reward on Ray Serve, deployed once here: each trial's run_on_ray finds it running.
+        ensure_reward_service(plan.base)
         parent = open_parent_run(plan, resume)
         cluster = ray.cluster_resources()
         concurrent = max_concurrent_trials(plan.base, cluster)
@@ -255,16 +257,17 @@ def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
     from leapalign.reports import collect_runs, compare_report
 
     runs = spec.runs
-
-    def expand(params: dict[str, Any]) -> dict[str, Any]:
-        return {**runs[params["run"]], "train.seed": params["train.seed"], "train.max_nfe": spec.budget_nfe}
-
+    # Every (label, seed) config is built and made absolute here, in the driver: trials run elsewhere.
+    configs = {
+        (label, seed): absolute_paths(spec.run_config(label, seed)) for label in runs for seed in spec.seeds
+    }
     plan = TrialPlan(
         name=spec.name,
         out_dir=out_dir,
         base=spec.base,
         param_space={"run": tune.grid_search(list(runs)), "train.seed": tune.grid_search(list(spec.seeds))},
-        expand=expand,
+        configure=lambda params: configs[(params["run"], params["train.seed"])],
+        expand=lambda params: {"run": params["run"], "train.seed": params["train.seed"]},
         metric=spec.metric,
         searcher="grid",
         kind="compare",
@@ -281,7 +284,7 @@ def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
     results = collect_runs(entries, spec.metric)
     # One row per method on the same held-out prompts and noise: the base model first, then each method's
     # first seed (its EMA weights when it has them).
-    cfg = plan.base
+    cfg = absolute_paths(spec.base)
     grid_rows, grid_prompts = [], None
     if cfg.eval.prompts:
         grid_prompts = load_eval_prompts(cfg.eval.prompts, 8)
@@ -291,7 +294,7 @@ def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
             if first is not None and (first.run_dir / "config.yaml").is_file():
                 policy = load_policy(cfg, first.run_dir)
                 grid_rows.append((label, sample_images(policy, cfg, grid_prompts, progress=False)[0]))
-    references = [label for label, overrides in runs.items() if overrides.get("method.name") == "grpo"]
+    references = [label for label in runs if configs[(label, spec.seeds[0])].method.name == "grpo"]
     report, _ = compare_report(
         results,
         spec.metric,
@@ -320,11 +323,13 @@ def run_sweep(spec, out_dir: Path, *, restart: bool = False) -> tuple[Path, dict
 
     search = spec.search
     base = spec.base
+    absolute = absolute_paths(base)
     plan = TrialPlan(
         name=spec.name,
         out_dir=out_dir,
         base=base,
         param_space={key: tune_domain(p.kind, p.values, spec.searcher) for key, p in search.items()},
+        configure=lambda params: with_overrides(absolute, active_overrides(params, search, base)),
         expand=lambda params: active_overrides(params, search, base),
         metric=spec.metric,
         mode=spec.mode,

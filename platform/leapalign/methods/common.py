@@ -75,7 +75,11 @@ def decode_and_score(
     images = policy.decode(latents, cfg.sampler.height, cfg.sampler.width)  # [B, 3, H, W] in [0, 1]
     rewards = reward_fn(images, list(prompts))  # [B]
     check_rewards(rewards, len(prompts), source=f"reward {cfg.reward.name!r}")
-    return rewards.float()
+    rewards = rewards.float()
+    # A weighted sum of rewards (rewards/configured.py) keeps each component's values; they ride on the
+    # tensor to reward_metrics, which every method calls with it, and are logged as reward/<label>.
+    rewards.reward_components = dict(getattr(reward_fn, "last_components", None) or {})
+    return rewards
 
 
 def hinge_loss(rewards: Tensor, weight: Tensor | None, hinge: float) -> Tensor:
@@ -90,4 +94,9 @@ def reward_metrics(rewards: Tensor) -> dict[str, Tensor]:
     """Metric tensors (turned into floats once per step by the recipe: one GPU sync, not one per value)."""
     detached = rewards.detach()
     std = detached.std() if detached.numel() > 1 else torch.zeros((), device=detached.device)
-    return {"reward/mean": detached.mean(), "reward/std": std}
+    components = getattr(rewards, "reward_components", {})  # set by decode_and_score for a weighted sum
+    return {
+        "reward/mean": detached.mean(),
+        "reward/std": std,
+        **{f"reward/{label}": values.float().mean() for label, values in components.items()},
+    }

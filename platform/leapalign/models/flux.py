@@ -12,12 +12,16 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from leapalign.compute import ComputeMeter
 from leapalign.sampling import VelocityFn, flux_sigmas, rollout
+
+if TYPE_CHECKING:
+    from leapalign.text_cache import TextCache
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -74,18 +78,26 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class FluxPolicy:
     """The frozen parts (text encoders, VAE) and the trained transformer of a diffusers Flux."""
 
-    def __init__(self, pipe, device: torch.device, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        pipe,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        text_cache: TextCache | None = None,
+    ):
         self.pipe = pipe
         self.device = device
         self.autocast_dtype = autocast_dtype  # bf16 autocast on GPU; None runs in the weights' dtype
+        self.text_cache = text_cache  # precomputed prompt embeddings; then the pipeline has no text encoders
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.vae_scale_factor = pipe.vae_scale_factor
         self.num_channels_latents = self.transformer.config.in_channels // 4
         self.meter: ComputeMeter | None = None  # counts transformer calls (compute accounting) when set
         for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-            module.requires_grad_(False)
-            module.eval()
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
 
     @classmethod
     def from_pretrained(
@@ -96,21 +108,34 @@ class FluxPolicy:
         device: str | torch.device | None = None,
         revision: str | None = None,
         autocast: bool | None = None,
+        text_cache: str | None = None,
     ) -> FluxPolicy:
-        """Load through diffusers' FluxPipeline.from_pretrained (hub id or local diffusers folder)."""
+        """Load through diffusers' FluxPipeline.from_pretrained (hub id or local diffusers folder).
+
+        text_cache: a folder written by `leapalign embed` for this model, max_sequence_length and dtype. The
+        pipeline is then loaded without text encoders and tokenizers (None), and prompts are looked up.
+        """
         from diffusers import FluxPipeline
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = pick_dtype(dtype, device)
         local = resolve_model_path(path)
+        cache, skipped = None, {}
+        if text_cache is not None:
+            from leapalign.text_cache import TEXT_COMPONENTS, TextCache
+
+            cache = TextCache(text_cache)
+            cache.check_dtype(torch_dtype)
+            cache.check_model(path, revision)
+            skipped = dict.fromkeys(TEXT_COMPONENTS)  # text_encoder=None, ...: never built, never downloaded
         try:
-            pipe = FluxPipeline.from_pretrained(local, dtype=torch_dtype, revision=revision)
+            pipe = FluxPipeline.from_pretrained(local, dtype=torch_dtype, revision=revision, **skipped)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"could not load a Flux pipeline from {path!r}: {err}") from err
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         use_autocast = device.type == "cuda" if autocast is None else autocast
-        return cls(pipe, device, torch.bfloat16 if use_autocast else None)
+        return cls(pipe, device, torch.bfloat16 if use_autocast else None, text_cache=cache)
 
     # ------------------------------------------------------------------ shapes
 
@@ -143,9 +168,14 @@ class FluxPolicy:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], max_sequence_length: int = 512) -> PromptEmbeds:
-        prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
-        )
+        """The one place that chooses: the text cache when the policy has one, else the text encoders."""
+        prompts, length = list(prompts), max_sequence_length
+        if self.text_cache is not None:
+            prompt_embeds, pooled, text_ids = self.text_cache.lookup(prompts, length, self.device)
+        else:
+            prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=length
+            )
         return PromptEmbeds(prompt_embeds, pooled, text_ids)
 
     def prepare_latents(

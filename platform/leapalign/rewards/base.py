@@ -35,8 +35,9 @@ REWARD_PATHS: dict[str, str] = {
     "hpsv2.1": "leapalign.rewards.clip_score:HPSv21",
     "aesthetic": "leapalign.rewards.aesthetic:AestheticScore",
     "world_layout": "leapalign.world.layout_reward",
+    "weighted_sum": "leapalign.rewards.configured:WeightedSum",  # options: {label: {name, weight, options}}
 }
-# Factories registered at run time with @register_reward (tests, modules named in setup_modules, and
+# Factories registered at run time with @register_reward (tests, modules a plugin path imports, and
 # the bare-module entries above once imported); they take precedence over REWARD_PATHS.
 REWARDS: dict[str, Callable[..., RewardFn]] = {}
 

@@ -1,0 +1,287 @@
+"""`leapalign sweep` and `leapalign compare` end to end on a real local Ray cluster, a real MLflow store and
+the tiny Flux: nested MLflow runs, ASHA stopping trials early, a killed-and-resumed sweep, the exported best
+config, the comparison report. About 5 minutes on two cores (most of it starting Ray Train workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+ITERATIONS = 6
+
+
+def base_overrides(tiny_flux_dir: Path, tmp: Path) -> dict:
+    return {
+        "model.path": str(tiny_flux_dir),
+        "eval.prompts": "assets/prompts/world/eval.parquet",
+        "eval.every": 2,
+        "eval.every_num_prompts": 4,
+        "eval.batch_size": 4,
+        "train.iterations": ITERATIONS,
+        "train.checkpoint_every": 2,
+        "sampler.eval_num_steps": 2,
+        "train.num_samples": 1,
+        "train.torch_threads": 1,
+        "ray.cpus_per_worker": 0.9,
+        "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+        "tracking.experiment": "experiments-test",
+    }
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def sweep_spec(tiny_flux_dir: Path, tmp: Path, **extra) -> Path:
+    spec = {
+        "name": "tiny_sweep",
+        "base": str(REPO / "experiments" / "tiny_demo.yaml"),
+        "overrides": base_overrides(tiny_flux_dir, tmp),
+        "search": {
+            "leap.distribution": {"choice": ["uniform", "beta"]},
+            "method.leapalign.alpha": {"uniform": [0.0, 1.0]},
+            "leap.beta_a": {"uniform": [0.5, 3.0], "when": {"leap.distribution": "beta"}},
+            "optim.lr": {"loguniform": [1e-3, 3e-2]},
+        },
+        "searcher": "random",
+        "num_samples": 4,
+        "metric": "eval/reward/color_match",
+        "mode": "max",
+        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+        "seed": 3,
+        **extra,
+    }
+    return write_spec(tmp / "sweep.yaml", spec)
+
+
+def leapalign(*args: str, timeout: float = 900, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "leapalign", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def mlflow_runs(tmp: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    experiment = client.get_experiment_by_name("experiments-test")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_sweep_nested_runs_asha_and_best_config(tiny_flux_dir, tmp_path):
+    out = tmp_path / "sweep"
+    proc = leapalign("sweep", str(sweep_spec(tiny_flux_dir, tmp_path)), "--out", str(out))
+    assert proc.returncode == 0, f"sweep failed: {proc.stderr[-3000:]}"
+
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == "tiny_sweep", f"one parent run: {parents}"
+    assert len(children) == 4, f"one nested run per trial, got {len(children)}"
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children), "nesting"
+    steps = {}
+    for child in children:
+        assert "method.leapalign.alpha" in child.data.params, "the trial's resolved config is logged"
+        history = client.get_metric_history(child.info.run_id, "eval/reward/color_match")
+        points = [m.step for m in history]
+        assert points == sorted(set(points)) and points[0] == 0, f"a curve with each step once: {points}"
+        steps[child.info.run_id] = max(m.step for m in client.get_metric_history(child.info.run_id, "loss"))
+    assert max(steps.values()) == ITERATIONS, f"some trial runs to the end: {steps}"
+    assert min(steps.values()) < ITERATIONS, f"ASHA must stop some trial early: {steps}"
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "report" / "results.parquet").to_pylist()
+    assert len(table) == 4 and len({row["trial_id"] for row in table}) == 4, "every trial once in the table"
+    assert any(row["stopped_early"] for row in table), "the table marks the stopped trials"
+    for row in table:
+        if row["leap.distribution"] == "uniform":
+            assert row["leap.beta_a"] is None, "a conditional key is only applied where its condition holds"
+    assert (out / "report" / "curves.png").stat().st_size > 1000, "curves of all trials"
+    assert (out / "report" / "metric_vs_method_leapalign_alpha.png").is_file(), "metric vs each swept key"
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"best.yaml", "report"} <= parent_artifacts, f"logged to the parent run: {parent_artifacts}"
+
+    # The exported best config, trained again (no Ray, same seed), reproduces its trial's metric.
+    best_row = json.loads(proc.stdout.split("best trial: ", 1)[1].splitlines()[0])
+    again = leapalign("train", str(out / "best.yaml"), "ray.enabled=false", "tracking.enabled=false",
+                      f"train.output_dir={tmp_path / 'again'}")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    final = [r["eval/reward/color_match"] for r in records if "eval/reward/color_match" in r][-1]
+    assert final == pytest.approx(best_row["final/eval/reward/color_match"], rel=1e-6, abs=1e-7), (
+        f"best config again: {final} vs its trial {best_row}"
+    )
+
+
+def terminated_trials(out: Path) -> list[str]:
+    """Trials Tune's newest saved experiment state marks TERMINATED (what a resumed sweep keeps)."""
+    states = sorted((out / "tune" / "trials").glob("experiment_state-*.json"))
+    if not states:
+        return []
+    try:
+        data = json.loads(states[-1].read_text())
+    except (json.JSONDecodeError, OSError):  # caught mid-write
+        return []
+    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+
+
+def test_killed_sweep_resumes_without_rerunning_or_duplicates(tiny_flux_dir, tmp_path):
+    spec = sweep_spec(tiny_flux_dir, tmp_path, scheduler={"name": "fifo"}, num_samples=3)
+    out = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "leapalign", "sweep", str(spec), "--out", str(out)]
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    finished: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not finished:  # kill once Tune has recorded a finished trial
+            finished = {
+                trial: (out / "runs" / trial / "lora_ema").stat().st_mtime for trial in terminated_trials(out)
+            }
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(1)
+        assert finished, "no trial finished within 10 minutes"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the private cluster it started
+        driver.wait(timeout=60)
+    proc = leapalign("sweep", str(spec), "--out", str(out))
+    assert proc.returncode == 0, f"resumed sweep failed: {proc.stderr[-3000:]}"
+    for trial, mtime in finished.items():
+        assert (out / "runs" / trial / "lora_ema").stat().st_mtime == mtime, (
+            f"finished trial {trial} ran again"
+        )
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "report" / "results.parquet").to_pylist()
+    assert sorted(row["trial_id"] for row in table) == sorted({row["trial_id"] for row in table}), (
+        "no repeats"
+    )
+    assert len(table) == 3 and all(row["steps"] == ITERATIONS for row in table), (
+        f"every trial once, done: {table}"
+    )
+    client, runs = mlflow_runs(tmp_path)
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "the parent run is reused"
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3, f"no duplicate trial runs: {len(children)}"
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert steps == list(range(1, ITERATIONS + 1)), f"each step logged once: {steps}"
+
+
+def test_compare_report_at_equal_compute(tiny_flux_dir, tmp_path):
+    budget = 400
+    spec = {
+        "name": "tiny_compare",
+        "base": str(REPO / "experiments" / "tiny_demo.yaml"),
+        "overrides": {**base_overrides(tiny_flux_dir, tmp_path), "train.iterations": 100},
+        "budget_nfe": budget,
+        "seeds": [0, 1],
+        "metric": "eval/overall",
+        "runs": {
+            "LeapAlign": {"method.name": "leapalign"},
+            "GRPO": {"method.name": "grpo", "method.grpo.group_size": 2, "train.batch_size": 1},
+        },
+    }
+    out = tmp_path / "compare"
+    proc = leapalign("compare", str(write_spec(tmp_path / "compare.yaml", spec)), "--out", str(out))
+    assert proc.returncode == 0, f"compare failed: {proc.stderr[-3000:]}"
+    report = (out / "report" / "report.md").read_text()
+    for label in ("LeapAlign", "GRPO"):
+        assert f"| {label} | 2 |" in report, f"a row with 2 seeds for {label}: {report}"
+    assert "reaches GRPO's final score" in report, "the compute-to-reach line"
+    for name in ("curves.png", "samples.png"):
+        assert (out / "report" / name).stat().st_size > 1000, f"{name} missing"
+    for run in (out / "runs").iterdir():
+        last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        assert budget <= last["compute/nfe_total"] < budget + 2 * 2 * 14 * 2, (
+            f"{run.name}: a run stops on the update that crosses the budget: {last['compute/nfe_total']}"
+        )
+    client, runs = mlflow_runs(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4, f"one nested MLflow run per method x seed: {len(children)}"
+    assert {c.info.run_name for c in children} == {
+        f"{m} seed {s}" for m in ("LeapAlign", "GRPO") for s in (0, 1)
+    }
+
+
+@pytest.mark.parametrize(
+    "case,change,message",
+    [
+        ("unknown key", {"search": {"leap.shape": {"choice": [1, 2]}}}, "unknown config key(s) leap.shape"),
+        ("inverted range", {"search": {"optim.lr": {"uniform": [0.1, 0.01]}}}, "empty or inverted"),
+        ("empty choice", {"search": {"leap.distribution": {"choice": []}}}, "non-empty list"),
+        ("bad value", {"search": {"method.leapalign.alpha": {"uniform": [0.5, 2.0]}}}, "outside [0, 1]"),
+        ("unknown searcher", {"searcher": "bayes"}, "unknown searcher 'bayes'"),
+        ("unknown scheduler", {"scheduler": {"name": "pbt"}}, "unknown scheduler"),
+        ("never reported", {"metric": "eval/position"}, "never reported"),
+    ],
+)
+def test_bad_sweep_specs_fail_before_any_trial(tiny_flux_dir, tmp_path, case, change, message):
+    spec_path = sweep_spec(tiny_flux_dir, tmp_path)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec.update(change)
+    if case == "never reported":
+        spec["overrides"]["eval.prompts"] = None
+    write_spec(spec_path, spec)
+    out = tmp_path / "sweep"
+    proc = leapalign("sweep", str(spec_path), "--out", str(out), timeout=120)
+    assert proc.returncode == 2, f"{case}: exit {proc.returncode}: {proc.stderr[-800:]}"
+    assert message in proc.stderr and "Traceback" not in proc.stderr, f"{case}: {proc.stderr[-800:]}"
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists(), f"{case}: nothing may be written"
+
+
+@pytest.mark.parametrize(
+    "case,change,message",
+    [
+        ("unknown method", {"runs": {"X": {"method.name": "dpo"}}}, "method.name='dpo'"),
+        (
+            "unknown option",
+            {"runs": {"X": {"method.grpo.clipp": 1}}},
+            "unknown config key(s) method.grpo.clipp",
+        ),
+        ("budget too small", {"budget_nfe": 3}, "cannot fit one update"),
+        ("no prompts", {"overrides": {"train.prompts": "EMPTY"}}, "holds no prompts"),
+    ],
+)
+def test_bad_compare_specs_fail_before_anything(tiny_flux_dir, tmp_path, case, change, message):
+    spec = {
+        "name": "bad",
+        "base": str(REPO / "experiments" / "tiny_demo.yaml"),
+        "overrides": {**base_overrides(tiny_flux_dir, tmp_path), "train.iterations": 100},
+        "budget_nfe": 1000,
+        "runs": {"LeapAlign": {"method.name": "leapalign"}},
+    }
+    if case == "no prompts":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n")
+        change = {"overrides": {**spec["overrides"], "train.prompts": str(empty)}}
+    spec.update(change)
+    out = tmp_path / "compare"
+    proc = leapalign(
+        "compare", str(write_spec(tmp_path / "compare.yaml", spec)), "--out", str(out), timeout=120
+    )
+    assert proc.returncode == 2, f"{case}: exit {proc.returncode}: {proc.stderr[-800:]}"
+    assert message in proc.stderr and "Traceback" not in proc.stderr, f"{case}: {proc.stderr[-800:]}"
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists(), f"{case}: nothing may be written"
