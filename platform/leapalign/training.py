@@ -511,9 +511,12 @@ class TrainingRun:
         cfg, dist = self.cfg, self.dist
         nfe = dist.sum_int(self.meter.nfe)  # every worker's compute; the same number on every rank
         self.nfe_total += nfe
+        done = step + 1 >= cfg.train.iterations or (0 < cfg.train.max_nfe <= self.nfe_total)
+        held_out = {}
+        if self.evaluator is not None and (self.evaluator.due(step + 1, self.nfe_total) or done):
+            held_out = self.evaluate()  # inside the step's time (phase "eval")
         step_time = sum(self.timer.seconds.values())
         self.time_total += step_time
-        done = step + 1 >= cfg.train.iterations or (0 < cfg.train.max_nfe <= self.nfe_total)
         metrics = {
             **metrics,
             **self.timer.metrics(),
@@ -521,9 +524,8 @@ class TrainingRun:
             "time/total_s": self.time_total,
             "compute/nfe": float(nfe),
             "compute/nfe_total": float(self.nfe_total),
+            **held_out,
         }
-        if self.evaluator is not None and (self.evaluator.due(step + 1, self.nfe_total) or done):
-            metrics.update(self.evaluate())
         self.result.history.append(metrics)
         if dist.is_main:
             self.bar.update(1)
