@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,42 @@ def test_bad_ray_input_fails_before_any_work(tiny_flux_dir, tmp_path, case):
     assert not out.exists(), f"{case}: no run folder"
     assert not (tmp_path / "mlflow.db").exists(), f"{case}: no MLflow store or run"
     assert not storage.exists(), f"{case}: nothing written to ray.storage_path"
+
+
+def test_a_stopped_trials_workers_are_released_without_the_dashboard(ray_cluster):
+    """What a sweep does when ASHA kills a trial: the workers' placement group they report is removed
+    (this cluster runs no dashboard, so Ray Train's own cleaner cannot do it), and its CPUs come back."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from leapalign.distributed.ray_train import PLACEMENT_GROUP_KEY, worker_group_id
+    from leapalign.distributed.tune_runner import ReleaseStoppedWorkers
+
+    free_before = ray.available_resources().get("CPU", 0.0)
+    group = placement_group([{"CPU": 0.5}])
+    ray.get(group.ready(), timeout=60)
+    reported = ray.get(
+        ray.remote(num_cpus=0.5)(worker_group_id)
+        .options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group))
+        .remote(),
+        timeout=60,
+    )
+    assert reported == group.id.hex(), f"a worker names its placement group: {reported} vs {group.id.hex()}"
+    assert ray.get(ray.remote(worker_group_id).remote(), timeout=60) is None, "outside a group: None"
+
+    class Trial:
+        trial_id = "t0"
+
+    callback = ReleaseStoppedWorkers()
+    callback.on_trial_result(0, [], Trial(), {"step": 1, PLACEMENT_GROUP_KEY: reported})
+    callback.on_trial_complete(0, [], Trial())
+    callback.on_trial_complete(0, [], Trial())  # twice (ASHA stop, then the end): harmless
+    state = "?"
+    for _ in range(100):  # bounded: removal is asynchronous
+        state = placement_group_table(group)["state"]
+        if state == "REMOVED" and ray.available_resources().get("CPU", 0.0) >= free_before - 1e-6:
+            break
+        time.sleep(0.1)
+    assert state == "REMOVED", f"the stopped trial's group is removed, got {state}"
+    assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free_before), "its CPUs are free again"

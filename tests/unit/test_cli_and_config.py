@@ -137,3 +137,18 @@ def test_every_shipped_config_and_spec_is_valid():
     assert {"world_methods.yaml", "world_ablations.yaml", "world_leap.yaml", "leapalign_hpsv2.yaml"} <= set(
         checked
     ), f"shipped experiments: {checked}"
+
+
+def test_concurrent_trials_leave_room_for_the_reward_replicas():
+    """A sweep on 2 CPUs with a served reward (1 CPU) runs one trial at a time: more trial functions
+    would start workers that only wait for CPUs the replica holds."""
+    from leapalign.distributed.tune_runner import max_concurrent_trials, per_trial_resources
+
+    cfg = with_overrides(load_config(REPO / "experiments" / "tiny_demo.yaml"), {"ray.cpus_per_worker": 0.9})
+    assert per_trial_resources(cfg) == {"CPU": pytest.approx(0.91)}, "trial function + one worker"
+    served = with_overrides(cfg, {"reward.serve": True, "reward.cpus_per_replica": 1.0})
+    in_worker = with_overrides(cfg, {"reward.serve": False})
+    assert max_concurrent_trials(served, {"CPU": 2.0}) == 1, "2 CPUs - 1 for the replica hold one trial"
+    assert max_concurrent_trials(in_worker, {"CPU": 2.0}) == 2, "without the replica: two trials"
+    assert max_concurrent_trials(served, {"CPU": 8.0}) == 7, "8 - 1 CPUs hold seven 0.91-CPU trials"
+    assert max_concurrent_trials(served, {"CPU": 0.5}) == 1, "at least one trial (Ray then says what is missing)"

@@ -73,6 +73,10 @@ FAULT_RANK_ENV = "LEAPALIGN_FAULT_RANK"
 FAULT_MARKER_ENV = "LEAPALIGN_FAULT_MARKER"
 FAULT_GRACE_S = 3.0  # seconds between the injected fault's decision and the exit
 
+# Reported beside the metrics: the placement group (hex id) of the run's workers. A Tune scheduler that
+# stops a trial kills its Train controller mid-run, and Ray Train's own cleaner of the orphaned group
+# needs the dashboard's State API; the sweep driver releases the group by this id instead.
+PLACEMENT_GROUP_KEY = "ray/placement_group"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
@@ -159,7 +163,7 @@ def run_on_ray(
             ray.shutdown()
     tracker.end("FINISHED")
     return RayRunResult(
-        metrics=dict(result.metrics or {}),
+        metrics={k: v for k, v in (result.metrics or {}).items() if k != PLACEMENT_GROUP_KEY},
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         run_dir=storage.uri,
         output_dir=Path(cfg.train.output_dir),
@@ -184,8 +188,16 @@ def absolute_paths(cfg: Config) -> Config:
     for key, value, exists in (
         ("model.path", cfg.model.path, Path(cfg.model.path).expanduser().is_dir()),
         ("train.prompts", cfg.train.prompts, Path(cfg.train.prompts).expanduser().is_file()),
-        ("eval.prompts", cfg.eval.prompts, bool(cfg.eval.prompts) and Path(cfg.eval.prompts).expanduser().is_file()),
-        ("model.text_cache", cfg.model.text_cache, bool(cfg.model.text_cache) and Path(cfg.model.text_cache).expanduser().is_dir()),
+        (
+            "eval.prompts",
+            cfg.eval.prompts,
+            bool(cfg.eval.prompts) and Path(cfg.eval.prompts).expanduser().is_file(),
+        ),
+        (
+            "model.text_cache",
+            cfg.model.text_cache,
+            bool(cfg.model.text_cache) and Path(cfg.model.text_cache).expanduser().is_dir(),
+        ),
     ):
         if exists:
             updates[key] = str(Path(value).expanduser().resolve())
@@ -357,19 +369,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker=tracker,
             dist=dist,
             resume_from=resume_from,
-            on_step_end=checkpoint_hook(cfg, dist, tracker),
+            on_step_end=checkpoint_hook(cfg, dist, tracker, worker_group_id()),
             device=str(get_device()),
             progress=False,
         )
 
 
-def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> StepHook:
+def worker_group_id() -> str | None:
+    """The placement group holding this run's workers (hex), or None outside one."""
+    group = ray.util.get_current_placement_group()
+    return group.id.hex() if group is not None else None
+
+
+def checkpoint_hook(
+    cfg: Config, dist: TorchDistContext, tracker: Tracker, placement_group: str | None = None
+) -> StepHook:
     """train()'s on_step_end: progress line, metrics to Ray every step, a checkpoint every checkpoint_every.
 
     ray.train.report is a barrier in Train V2: every rank calls it at the same steps, each with its own
     folder (rank_<r>.pt); Ray merges them into one checkpoint_<step> folder in storage. Reporting every
-    step (without a checkpoint in between) is what lets a Tune scheduler see the held-out curve.
+    step (without a checkpoint in between) is what lets a Tune scheduler see the held-out curve. Each
+    report names the workers' placement group (PLACEMENT_GROUP_KEY), which a sweep releases itself when
+    it stops the trial (tune_runner.ReleaseStoppedWorkers).
     """
+    tag = {PLACEMENT_GROUP_KEY: placement_group} if placement_group else {}
 
     def on_step_end(
         step: int, metrics: dict[str, float], save_checkpoint: Callable[[Path], None], final: bool
@@ -379,7 +402,7 @@ def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> St
             log.info("step %d/%d %s", step, cfg.train.iterations, shown or "skipped")
         if step % cfg.train.checkpoint_every and not final:
             maybe_inject_fault(step, dist.rank)
-            ray.train.report({"step": step, **metrics})
+            ray.train.report({"step": step, **metrics, **tag})
             return
         with tempfile.TemporaryDirectory(prefix="leapalign-ckpt-", ignore_cleanup_errors=True) as tmp:
             save_checkpoint(Path(tmp) / f"rank_{dist.rank}.pt")
@@ -388,7 +411,7 @@ def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> St
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta))
             maybe_inject_fault(step, dist.rank)
             ray.train.report(
-                {"step": step, **metrics},
+                {"step": step, **metrics, **tag},
                 checkpoint=Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{step:06d}",
             )

@@ -29,8 +29,14 @@ import ray
 from ray import tune
 
 from leapalign.config import Config, with_overrides
-from leapalign.distributed.ray_train import RunStorage, absolute_paths, connect_ray, run_on_ray
-from leapalign.distributed.reward_service import ensure_reward_service
+from leapalign.distributed.ray_train import (
+    PLACEMENT_GROUP_KEY,
+    RunStorage,
+    absolute_paths,
+    connect_ray,
+    run_on_ray,
+)
+from leapalign.distributed.reward_service import ensure_reward_service, reward_service_resources
 from leapalign.io import atomic_path
 from leapalign.tracking import MLflowTracker, NullTracker, Tracker
 
@@ -100,10 +106,48 @@ def per_trial_resources(cfg: Config) -> dict[str, float]:
 
 
 def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
-    """How many trials the cluster holds at once, from each trial's workers (at least one)."""
+    """How many trials the cluster holds at once beside the reward replicas, from each trial's workers
+    (at least one). More would start trial functions whose workers only wait for CPUs."""
     need = per_trial_resources(cfg)
-    fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
+    reward = reward_service_resources(cfg)
+    free = {kind: cluster.get(kind, 0.0) - reward.get(kind, 0.0) for kind in need}
+    fits = [math.floor(free[kind] / amount + 1e-9) for kind, amount in need.items() if amount > 0]
     return max(1, min(fits))
+
+
+class ReleaseStoppedWorkers(tune.Callback):
+    """Frees the workers' placement group of every trial that ends, stopped by the scheduler included.
+
+    A trial that ASHA stops is killed with its Train controller, whose worker placement group outlives
+    it; Ray Train's cleaner finds such groups through the dashboard's State API, and where that API does
+    not answer the CPUs stay reserved and the next trials wait forever. The workers report their group
+    (PLACEMENT_GROUP_KEY) with every step; removing it once the trial has ended is what the cleaner
+    would do, without the dashboard.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[str, set[str]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        group = result.get(PLACEMENT_GROUP_KEY)
+        if group:
+            self.groups.setdefault(trial.trial_id, set()).add(group)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.release(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.release(trial.trial_id)
+
+    def release(self, trial_id: str) -> None:
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        for group in self.groups.pop(trial_id, ()):
+            try:
+                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
+            except Exception as err:  # already removed by Ray Train: nothing held
+                log.debug("placement group %s of trial %s: %s", group, trial_id, err)
 
 
 def build_search(plan: TrialPlan):
@@ -188,6 +232,7 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
                     name="trials",
                     storage_path=str(tune_path),
                     failure_config=tune.FailureConfig(max_failures=0),
+                    callbacks=[ReleaseStoppedWorkers()],
                     verbose=1,
                 ),
             )
@@ -197,6 +242,7 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
         for result in grid:
             params = dict(result.config or {})
             metrics = dict(result.metrics or {})
+            metrics.pop(PLACEMENT_GROUP_KEY, None)
             trial_id = trial_ids.get(result.path) or metrics["trial_id"]
             records.append(
                 TrialRecord(
