@@ -151,4 +151,6 @@ def test_concurrent_trials_leave_room_for_the_reward_replicas():
     assert max_concurrent_trials(served, {"CPU": 2.0}) == 1, "2 CPUs - 1 for the replica hold one trial"
     assert max_concurrent_trials(in_worker, {"CPU": 2.0}) == 2, "without the replica: two trials"
     assert max_concurrent_trials(served, {"CPU": 8.0}) == 7, "8 - 1 CPUs hold seven 0.91-CPU trials"
-    assert max_concurrent_trials(served, {"CPU": 0.5}) == 1, "at least one trial (Ray then says what is missing)"
+    assert max_concurrent_trials(served, {"CPU": 0.5}) == 1, (
+        "at least one trial (Ray then says what is missing)"
+    )
