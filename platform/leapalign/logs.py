@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -16,3 +17,10 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    # Our own INFO lines stay; other libraries' INFO records (e.g. Ray Train logging every report of a
+    # worker, metrics and all, under a file-path logger name) only from WARNING up.
+    level = logging.getLogger().getEffectiveLevel()
+    own = logging.getLogger("leapalign")
+    if own.level == logging.NOTSET:
+        own.setLevel(level)
+    logging.getLogger().setLevel(max(level, logging.WARNING))
