@@ -191,9 +191,14 @@ def load_state(
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     if ema_shadow is not None:
         state["ema"] = ema_shadow
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))  # raises on a trained key it lacks
+    # strict=False: the frozen weights (LoRA's base model) are not in the checkpoint and stay as loaded.
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
     return torch.load(folder / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
 
