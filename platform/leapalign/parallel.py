@@ -58,6 +58,11 @@ def is_dtensor(tensor: Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def local_numel(tensor: Tensor) -> int:
+    """Elements this rank holds: its shard of a DTensor, all of a plain tensor."""
+    return tensor.to_local().numel() if is_dtensor(tensor) else tensor.numel()
+
+
 def flux_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """The units FSDP2 shards one by one: Flux's double- and single-stream blocks."""
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
