@@ -453,6 +453,8 @@ class TrainingRun:
         self.time_total = 0.0
         self.result = TrainResult(output_dir=self.out_dir, run_id=getattr(tracker, "run_id", None))
         self.extra_state: dict[str, Any] = {}  # a recipe's own state to checkpoint (e.g. GRPO's nothing yet)
+        self.stop_requested = False  # set by a Ctrl-C in a local run (train.finish_step_on_interrupt)
+        self.stopped_at_step = 0
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -597,6 +599,8 @@ class TrainingRun:
         nfe = dist.sum_int(self.meter.nfe)  # every worker's compute; the same number on every rank
         self.nfe_total += nfe
         done = step + 1 >= cfg.train.iterations or (0 < cfg.train.max_nfe <= self.nfe_total)
+        if self.stop_requested:  # Ctrl-C in a local run: this step is the last, and it is checkpointed
+            done, self.stopped_at_step = True, step + 1
         held_out = {}
         if self.evaluator is not None and (self.evaluator.due(step + 1, self.nfe_total) or done):
             held_out = self.evaluate()  # inside the step's time (phase "eval")
