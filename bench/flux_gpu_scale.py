@@ -83,7 +83,9 @@ def build_transformer(mode: str, cfg: dict, device, dtype, args, parallel):
     if mode == "lora":
         with torch.device(device):
             transformer = FluxTransformer2DModel(**cfg).to(dtype)
-        finetune = FinetuneConfig(mode="lora", lora_rank=args.rank, lora_alpha=args.rank, gradient_checkpointing=True)
+        finetune = FinetuneConfig(
+            mode="lora", lora_rank=args.rank, lora_alpha=args.rank, gradient_checkpointing=True
+        )
         apply_finetune(transformer, finetune)
         grad_module = parallel.wrap(transformer, device)
     else:
@@ -102,11 +104,11 @@ def build_transformer(mode: str, cfg: dict, device, dtype, args, parallel):
 
 
 def measure_mode(mode: str, args, dist, device, dtype) -> dict:
+    import gpu_flux as base  # bench/gpu_flux.py: the same models, reward and constants
     import torch
     from diffusers import AutoencoderKL, FluxPipeline
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    import gpu_flux as base  # bench/gpu_flux.py: the same models, reward and constants
     from leapalign.methods.leapalign import hinge_loss, rollout_with_leaps, similarity_weight
     from leapalign.models.flux import FluxPolicy, PromptEmbeds
     from leapalign.parallel import Parallel, local_numel
@@ -114,7 +116,9 @@ def measure_mode(mode: str, args, dist, device, dtype) -> dict:
 
     cuda = device.type == "cuda"
     transformer_cfg, vae_cfg, tower_cfg = (
-        (base.TINY, base.TINY_VAE, base.TINY_CLIP) if args.tiny else (base.FLUX_DEV, base.FLUX_VAE, base.CLIP_H)
+        (base.TINY, base.TINY_VAE, base.TINY_CLIP)
+        if args.tiny
+        else (base.FLUX_DEV, base.FLUX_VAE, base.CLIP_H)
     )
     text_len, res = (16, args.res or 64) if args.tiny else (512, args.res or 720)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -195,10 +199,7 @@ def measure_mode(mode: str, args, dist, device, dtype) -> dict:
         "batch_per_gpu": batch,
         **{key: max(r[key] for r in gathered) for key in local},
     }
-    del transformer, grad_module, params, optimizer, policy, vae, tower
-    if cuda:
-        torch.cuda.empty_cache()
-    return row
+    return row  # the models go with this frame; main empties the CUDA cache before the next mode
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.modes:
         row = measure_mode(mode, args, dist, device, dtype)
         rows.append(row)
+        if cuda:
+            torch.cuda.empty_cache()
         if dist.get_rank() == 0:
             print(json.dumps(row), flush=True)
     if dist.get_rank() == 0:
@@ -231,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['median_s']:>10.2f}{r['peak_gb']:>10.1f}{r['trained_per_rank'] / 1e6:>13.1f}M"
             )
         if args.json:
-            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+            args.json.write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+            )
     dist.destroy_process_group()
 
 

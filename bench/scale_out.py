@@ -74,7 +74,9 @@ def peak_tensor_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    ]
     live = peak = 0
     for _, nbytes in sorted(events, key=lambda e: e[0]):
         live += nbytes
@@ -170,7 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], choices=[1, 2])
-    parser.add_argument("--steps", type=int, default=3, help="timed updates per configuration (after a warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed updates per configuration (after a warm-up)"
+    )
     parser.add_argument("--num-steps", type=int, default=6, help="sampling steps N of each LeapAlign update")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     parser.add_argument("--json", type=Path, help="also write the results here")

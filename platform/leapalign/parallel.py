@@ -97,7 +97,12 @@ class Parallel:
             return self.ddp
         if self.strategy == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+            from torch.distributed.fsdp import (
+                CPUOffloadPolicy,
+                MixedPrecisionPolicy,
+                OffloadPolicy,
+                fully_shard,
+            )
 
             mesh = init_device_mesh(device.type, (self.world_size,))
             # GPU: bf16 weights in the forward and backward, fp32 gradient reduction and fp32 master weights.

@@ -38,8 +38,8 @@ from leapalign.data import load_prompts
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
 from leapalign.methods.common import StepRandomness
-from leapalign.parallel import Parallel, is_dcp_checkpoint, load_state, resolve_strategy, save_state
 from leapalign.models.flux import FluxPolicy
+from leapalign.parallel import Parallel, is_dcp_checkpoint, load_state, resolve_strategy, save_state
 from leapalign.rewards.base import RewardFn
 from leapalign.tracking import RUN_RECORD, NullTracker, Tracker
 
@@ -431,7 +431,9 @@ class TrainingRun:
         )
         self.ema = EMA(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         # Global streams: the same seed on every rank, draws for the global batch, each rank its slice.
-        self.sampler = PromptSampler(prompts, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
+        self.sampler = PromptSampler(
+            prompts, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size
+        )
         self.rng = StepRandomness.seeded(cfg.train.seed, dist.rank, dist.world_size)
         self.sigmas = self.policy.sigmas(cfg.sampler.num_steps, cfg.sampler.height, cfg.sampler.width)
         self.meter = ComputeMeter(checkpointing=cfg.finetune.gradient_checkpointing)
@@ -531,7 +533,8 @@ class TrainingRun:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         cfg, dist = self.cfg, self.dist
-        forwards = dist.is_main or self.parallel.sharded  # ranks that run the grids' and evaluation's forwards
+        # The ranks that run the grids' and the evaluation's forwards (all of them when weights are sharded).
+        forwards = dist.is_main or self.parallel.sharded
         if self.start_step == 0 and forwards:
             before = self.sample_grid_images()
             # the curve starts at the base model, at zero compute

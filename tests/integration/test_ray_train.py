@@ -119,7 +119,9 @@ def test_two_workers_split_the_global_batch_and_write_one_dcp_checkpoint(
         assert state["step"] == step and state["world_size"] == 2, f"{folder}: train state {state['step']}"
         keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
         for prefix in ("model.", "optim.state.", "ema."):
-            assert any(k.startswith(prefix) for k in keys), f"{folder}: no {prefix}* tensors in the DCP checkpoint"
+            assert any(k.startswith(prefix) for k in keys), (
+                f"{folder}: no {prefix}* tensors in the DCP checkpoint"
+            )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
     assert losses == pytest.approx(baseline_losses[:2], rel=1e-5), (

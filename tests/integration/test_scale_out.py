@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from leapalign.distributed.ray_train import run_on_ray
 from leapalign.train import train
 from leapalign.training import PromptSampler
-from tests.integration.test_ray_train import metric_steps, only_run, ray_cluster, tiny_cfg  # noqa: F401
+from tests.conftest import local_ray
+from tests.integration.test_ray_train import metric_steps, only_run, tiny_cfg
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-4
@@ -34,6 +35,14 @@ WEIGHT_ATOL = 1e-4
 LOCAL_REWARD = {"reward.serve": "false"}
 FULL = {"finetune.mode": "full", **LOCAL_REWARD}
 LORA = {"finetune.mode": "lora", **LOCAL_REWARD}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # notices a dead worker sooner
+        with local_ray() as context:
+            yield context
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -128,7 +137,9 @@ def test_fsdp2_checkpoint_resumes_on_one_worker_and_on_two(ray_cluster, tiny_flu
     # 2 workers (fsdp2) steps 1-2 -> 1 worker (no sharding) step 3 -> 2 workers (fsdp2) step 4.
     for iterations, workers, resume in ((2, two, "false"), (3, one, "true"), (4, two, "true")):
         cfg = tiny_cfg(
-            tiny_flux_dir, tmp_path, **{**common, **workers, "train.iterations": iterations, "train.resume": resume}
+            tiny_flux_dir,
+            tmp_path,
+            **{**common, **workers, "train.iterations": iterations, "train.resume": resume},
         )
         result = run_on_ray(cfg)
         assert result.metrics["step"] == iterations, f"run to {iterations} ended at {result.metrics}"

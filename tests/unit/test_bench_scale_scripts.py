@@ -34,5 +34,7 @@ def test_scale_out_bench_parses():
     bench = load_bench("scale_out")
     args = bench.parse_args(["--strategies", "fsdp2", "--workers", "2", "--steps", "1"])
     assert (args.strategies, args.workers, args.steps) == (["fsdp2"], [2], 1), f"{args}"
-    table = bench.format_table([{"strategy": "fsdp2", "workers": 2, "state_mib": 1.0, "peak_mib": 2.0, "step_s": 0.1}])
+    table = bench.format_table(
+        [{"strategy": "fsdp2", "workers": 2, "state_mib": 1.0, "peak_mib": 2.0, "step_s": 0.1}]
+    )
     assert "fsdp2" in table and "2.00" in table, table

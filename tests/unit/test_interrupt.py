@@ -39,5 +39,7 @@ def test_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tiny_flux_dir, tmp_pat
     assert 1 <= last < 200, f"the run stopped at step {last}, want a step in the middle"
     assert steps == list(range(1, last + 1)), f"every step up to the interrupt is logged once: {steps}"
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))
-    assert checkpoints == [f"step_{last:06d}.pt"], f"the interrupted step {last} is checkpointed: {checkpoints}"
+    assert checkpoints == [f"step_{last:06d}.pt"], (
+        f"the interrupted step {last} is checkpointed: {checkpoints}"
+    )
     assert f"stopped after step {last}" in stderr, f"the CLI says where it stopped: {stderr[-800:]}"

@@ -37,6 +37,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch.distributed
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
@@ -335,6 +336,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     quiet_libraries()
     dist = TorchDistContext()
     rank = dist.rank
+    # Which Ray node each rank runs on (rank order), recorded in every checkpoint's meta.json.
+    worker_nodes: list[str | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
     tracker: Tracker = NullTracker()
     if rank == 0 and loop_config["run_id"] is not None:
         tracker = ResumableTracker(
@@ -354,13 +358,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker=tracker,
             dist=dist,
             resume_from=resume_from,
-            on_step_end=checkpoint_hook(cfg, dist, tracker),
+            on_step_end=checkpoint_hook(cfg, dist, tracker, worker_nodes),
             device=str(get_device()),
             progress=False,
         )
 
 
-def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> StepHook:
+def checkpoint_hook(
+    cfg: Config, dist: TorchDistContext, tracker: Tracker, worker_nodes: list[str | None]
+) -> StepHook:
     """train()'s on_step_end: progress line, metrics to Ray every step, a checkpoint every checkpoint_every.
 
     ray.train.report is a barrier in Train V2: every rank calls it at the same steps, each with its own
@@ -382,7 +388,7 @@ def checkpoint_hook(cfg: Config, dist: TorchDistContext, tracker: Tracker) -> St
         with tempfile.TemporaryDirectory(prefix="leapalign-ckpt-", ignore_cleanup_errors=True) as tmp:
             save_checkpoint(Path(tmp))  # DCP: every rank its shards (a collective)
             if dist.is_main:
-                meta = {"step": step, "num_workers": dist.world_size}
+                meta = {"step": step, "num_workers": dist.world_size, "worker_nodes": worker_nodes}
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta))
             maybe_inject_fault(step, dist.rank)
             ray.train.report(

@@ -44,7 +44,9 @@ class StepRandomness:
 
     @classmethod
     def seeded(cls, seed: int, rank: int = 0, world_size: int = 1) -> StepRandomness:
-        return cls(torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1), rank, world_size)
+        return cls(
+            torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1), rank, world_size
+        )
 
     def local(self, global_batch: Tensor) -> Tensor:
         """This rank's rows of a tensor drawn for the global batch: [world_size * B, ...] -> [B, ...]."""

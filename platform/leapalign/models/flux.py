@@ -213,7 +213,9 @@ class FluxPolicy:
             if transformer.config.guidance_embeds:
                 guidance = torch.full((batch,), guidance_scale, device=latents.device, dtype=torch.float32)
             timestep = sigma.expand(batch).to(weight_dtype)
-            module = self.grad_module if self.grad_module is not None and torch.is_grad_enabled() else transformer
+            module = (
+                self.grad_module if self.grad_module is not None and torch.is_grad_enabled() else transformer
+            )
             with self.autocast():
                 out = module(
                     hidden_states=latents.to(weight_dtype),

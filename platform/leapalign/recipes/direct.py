@@ -30,7 +30,7 @@ def train_direct(run: TrainingRun) -> None:
                     try:
                         loss, metrics = loss_fn(run.policy, prompts, run.reward_fn, cfg, run.sigmas, run.rng)
                         error = None
-                    except RewardError as err:  # keep drawing the other micro-batches: the streams stay aligned
+                    except RewardError as err:  # keep drawing the other micro-batches: streams stay aligned
                         loss, error = None, str(err)
                 # 2. Every rank votes before any backward; once a rank fails, all skip the rest of the step.
                 if ok:

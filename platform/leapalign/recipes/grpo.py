@@ -73,7 +73,9 @@ def group_rollout(
         noise, image_ids = policy.prepare_latents(len(prompts) * rng.world_size, height, width, rng.noise)
         noise = rng.local(noise).repeat_interleave(group, dim=0)  # [B, S, C]
     else:
-        noise, image_ids = policy.prepare_latents(len(prompts) * group * rng.world_size, height, width, rng.noise)
+        noise, image_ids = policy.prepare_latents(
+            len(prompts) * group * rng.world_size, height, width, rng.noise
+        )
         noise = rng.local(noise)
     # SDE noise: one worker draws from rng.steps as always; several draw from a stream of their own (seeded
     # from the shared one), so ranks never share noise. Not rank-invariant like the initial noise (TODO).
