@@ -72,7 +72,12 @@ def assert_same_weights(got: dict, want: dict, label: str) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "extra", "weights"),
-    [("fsdp2", FULL, "transformer"), ("ddp", LORA, "lora")],
+    # Two micro-batches per update: gradients cross ranks only in the second one's backward (DDP no_sync,
+    # FSDP2 set_requires_gradient_sync(False)); FSDP2 also with gradient checkpointing in the blocks.
+    [
+        ("fsdp2", {**FULL, "train.grad_accum": 2, "finetune.gradient_checkpointing": "true"}, "transformer"),
+        ("ddp", {**LORA, "train.grad_accum": 2}, "lora"),
+    ],
     ids=["fsdp2-full", "ddp-lora"],
 )
 def test_two_workers_equal_one_process_with_the_combined_batch(
