@@ -551,6 +551,10 @@ class Config:
             "ray.strategy=fsdp2 shards full fine-tuning; a LoRA adapter is small enough to replicate: use "
             "ray.strategy=ddp (or auto)",
         )
+        _check(
+            not (self.ray.cpu_offload and self.finetune.mode == "lora"),
+            "ray.cpu_offload=true offloads FSDP2 shards of full fine-tuning; with finetune.mode=lora drop it",
+        )
         if self.method.name == "grpo" and self.method.grpo.kl_beta > 0:
             _check(
                 self.finetune.mode == "lora",

@@ -461,27 +461,28 @@ class TrainingRun:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self, step: int) -> dict[str, Any]:
+        """A one-process checkpoint (`.pt`): tensors and train state in one file."""
         return {
-            "step": step,
             "params": [p.detach().cpu() for p in self.params],
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            **self.train_state(step),
+        }
+
+    def train_state(self, step: int) -> dict[str, Any]:
+        """Everything but the tensors: the same on every rank (global streams); a DCP checkpoint's
+        train_state.pt."""
+        return {
+            "step": step,
             "sampler": self.sampler.state_dict(),
             "randomness": self.rng.state_dict(),
             "nfe_total": self.nfe_total,
             "time_total": self.time_total,
             "eval_nfe_mark": self.evaluator.last_nfe_mark if self.evaluator else 0,
             "extra": self.extra_state,
+            "world_size": self.dist.world_size,
+            "global_batch": self.cfg.train.batch_size * self.dist.world_size,
         }
-
-    def train_state(self, step: int) -> dict[str, Any]:
-        """What a DCP checkpoint holds besides the tensors: the same on every rank (global streams)."""
-        state = self.state_dict(step)
-        for key in ("params", "optimizer", "ema"):
-            del state[key]
-        state["world_size"] = self.dist.world_size
-        state["global_batch"] = self.cfg.train.batch_size * self.dist.world_size
-        return state
 
     def ema_shadow(self) -> dict[str, Tensor] | None:
         return dict(zip(self.param_names, self.ema.shadow, strict=True)) if self.ema is not None else None
