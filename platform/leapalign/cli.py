@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"leapalign: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # a local run stopped by Ctrl-C says where it stopped (train.py)
+        print(f"leapalign: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -483,7 +483,9 @@ class TrackingConfig:
 class RayConfig:
     enabled: bool = True  # train on Ray Train workers; false = this one process, no Ray
     address: str | None = None  # None = the `ray job submit` cluster, else a new one on 127.0.0.1; or auto
-    num_workers: int = 1  # data-parallel workers; >= 1 (global batch = workers * batch_size * grad_accum)
+    num_workers: int = 1  # data-parallel workers; >= 1 (global batch = workers * batch_size * grad_accum;
+    # every random draw is made for the global batch and each worker takes its slice, so 2 workers with
+    # batch_size B give the numbers of 1 worker with 2B, up to float rounding)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; > 0
     use_gpu: bool = False  # one GPU per worker, NCCL for gradients; false = CPU workers (gloo)
     storage_path: str | None = (
@@ -491,9 +493,28 @@ class RayConfig:
     )
     run_name: str | None = None  # the run's folder under storage_path; None = train.output_dir's name
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint; -1 = no limit
+    # How the workers share the transformer (leapalign.parallel): auto = none for one worker, ddp for LoRA,
+    # fsdp2 for full fine-tuning; none = one process, no gradient sync; ddp = DistributedDataParallel
+    # (replicated weights, bucketed gradient all-reduce); fsdp2 = fully_shard per transformer block and on
+    # the root (weights, gradients and AdamW state sharded; bf16 compute with fp32 reduction on GPU).
+    strategy: str = "auto"
+    cpu_offload: bool = False  # fsdp2 only: sharded weights, gradients and AdamW state live in CPU memory
+    placement: str = "PACK"  # Ray placement of the workers: PACK (fill a node first) or SPREAD (one per node)
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers}: use >= 1")
+        _check(
+            self.strategy in ("auto", "none", "ddp", "fsdp2"),
+            f"ray.strategy={self.strategy!r}: use auto, none, ddp or fsdp2",
+        )
+        _check(
+            not (self.cpu_offload and self.strategy not in ("auto", "fsdp2")),
+            f"ray.cpu_offload=true needs ray.strategy=fsdp2 (or auto with full fine-tuning), not {self.strategy}",
+        )
+        _check(
+            self.placement in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            f"ray.placement={self.placement!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD",
+        )
         _check(self.cpus_per_worker > 0, f"ray.cpus_per_worker={self.cpus_per_worker}: use > 0 (e.g. 0.5)")
         _check(
             self.address is None or bool(self.address.strip()),
@@ -525,6 +546,15 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        _check(
+            not (self.ray.strategy == "fsdp2" and self.finetune.mode == "lora"),
+            "ray.strategy=fsdp2 shards full fine-tuning; a LoRA adapter is small enough to replicate: use "
+            "ray.strategy=ddp (or auto)",
+        )
+        _check(
+            not (self.ray.cpu_offload and self.finetune.mode == "lora"),
+            "ray.cpu_offload=true offloads FSDP2 shards of full fine-tuning; with finetune.mode=lora drop it",
+        )
         if self.method.name == "grpo" and self.method.grpo.kl_beta > 0:
             _check(
                 self.finetune.mode == "lora",

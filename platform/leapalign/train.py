@@ -8,12 +8,25 @@ hook (leapalign.distributed).
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from leapalign.config import Config
 from leapalign.rewards.base import RewardFn
 from leapalign.tracking import Tracker
-from leapalign.training import LocalContext, StepHook, TrainResult, latest_local_checkpoint, make_run
+from leapalign.training import (
+    LocalContext,
+    StepHook,
+    TrainingRun,
+    TrainResult,
+    latest_local_checkpoint,
+    make_run,
+)
+
+log = logging.getLogger("leapalign")
 
 
 def train(
@@ -50,12 +63,42 @@ def train(
         progress=progress,
     )
     run.begin(resume_from)
-    if cfg.method.name == "grpo":
-        from leapalign.recipes.grpo import train_grpo
+    # A local run (no Ray hook) stops cleanly on Ctrl-C: the current step ends and is checkpointed.
+    with finish_step_on_interrupt(run) if on_step_end is None else nullcontext():
+        if cfg.method.name == "grpo":
+            from leapalign.recipes.grpo import train_grpo
 
-        train_grpo(run)
-    else:
-        from leapalign.recipes.direct import train_direct
+            train_grpo(run)
+        else:
+            from leapalign.recipes.direct import train_direct
 
-        train_direct(run)
+            train_direct(run)
+    if run.stop_requested:
+        run.bar.close()
+        raise KeyboardInterrupt(
+            f"stopped after step {run.stopped_at_step} (checkpoint written); continue with train.resume=true"
+        )
     return run.finish()
+
+
+@contextmanager
+def finish_step_on_interrupt(run: TrainingRun):
+    """First Ctrl-C (SIGINT): finish the current step, write a checkpoint, stop. A second one: stop now.
+
+    Only in the main thread (where Python delivers signals); elsewhere Ctrl-C keeps its default.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame) -> None:
+        if run.stop_requested:
+            raise KeyboardInterrupt  # the second Ctrl-C: no checkpoint
+        run.stop_requested = True
+        log.warning("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

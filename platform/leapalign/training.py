@@ -4,8 +4,12 @@
     LocalContext       one process; TorchDistContext: the same over torch.distributed (Ray Train workers)
     EMA, PromptSampler the EMA copy and the shuffled prompt order (both part of a checkpoint)
     TrainingRun        optimizer, random streams, compute meter, evaluator, logging, grids, checkpoints:
-                       `apply_gradients` (all-reduce, clip, step, EMA), `end_step` (log, evaluate,
-                       checkpoint), `finish` (weights and grids)
+                       `apply_gradients` (clip, step, EMA; gradients already reduced by DDP / FSDP2,
+                       leapalign.parallel), `end_step` (log, evaluate, checkpoint), `finish` (weights, grids)
+
+Random streams are global: every rank holds the same prompt order and noise streams and draws for the
+global batch, keeping its slice (methods.common.StepRandomness), so N workers with batch B compute what
+one worker with batch N x B computes.
 
 A recipe (leapalign.recipes.direct for the direct-gradient methods, leapalign.recipes.grpo for GRPO)
 is the visible loop that uses them. Ray, when used, only passes a distributed context and a
@@ -35,6 +39,7 @@ from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
 from leapalign.methods.common import StepRandomness
 from leapalign.models.flux import FluxPolicy
+from leapalign.parallel import Parallel, is_dcp_checkpoint, load_state, resolve_strategy, save_state
 from leapalign.rewards.base import RewardFn
 from leapalign.tracking import RUN_RECORD, NullTracker, Tracker
 
@@ -56,13 +61,15 @@ class LocalContext:
 
     rank = 0
     world_size = 1
+    has_process_group = False  # DDP / FSDP2 need one (Ray Train workers, or torch.distributed set up)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_mean_(self, tensors: Sequence[Tensor]) -> None:
-        pass
+    def all_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's metrics averaged (the global batch's mean: ranks hold equal shares)."""
+        return metrics
 
     def all_true(self, flag: bool) -> bool:
         return flag
@@ -78,6 +85,8 @@ class LocalContext:
 class TorchDistContext(LocalContext):
     """Data parallel over an initialised torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
+    has_process_group = True
+
     def __init__(self):
         import torch.distributed as dist
 
@@ -85,14 +94,13 @@ class TorchDistContext(LocalContext):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
-    def all_reduce_mean_(self, tensors: Sequence[Tensor]) -> None:
-        flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective for all grads
-        self._dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+    def all_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)  # every rank logs the same keys (same method, same skip decision)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        self._dist.all_reduce(values)  # one collective for all metrics
+        return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
 
     def all_true(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0])
@@ -199,21 +207,26 @@ class EMA:
 
 
 class PromptSampler:
-    """Shuffled passes over the prompt list; its state is part of a checkpoint."""
+    """Shuffled passes over the prompt list; its state is part of a checkpoint.
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+    Global: every rank draws the global batch (world_size x batch_size prompts, the same on every rank)
+    and keeps its slice, so the order does not depend on the number of workers.
+    """
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.prompts = prompts
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
 
     def next_batch(self) -> list[str]:
         batch = []
-        for _ in range(self.batch_size):
+        for _ in range(self.batch_size * self.world_size):
             if not self.order:
                 self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
             batch.append(self.prompts[self.order.pop()])
-        return batch
+        return batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "order": list(self.order)}
@@ -314,6 +327,29 @@ def save_trained_weights(policy: FluxPolicy, cfg: Config, out_dir: Path) -> Path
     return out_dir
 
 
+def save_transformer_state(transformer: torch.nn.Module, state: dict[str, Tensor], out_dir: Path) -> Path:
+    """A transformer folder as `save_pretrained` writes it (config.json + safetensors shards, 10 GB each)
+    from a gathered full state dict: what FluxTransformer2DModel.from_pretrained loads."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(transformer.config)
+    # fully_shard swaps the class for a subclass named FSDP<name>; the folder names the model's own class.
+    cls = next(c for c in type(transformer).__mro__ if not c.__name__.startswith("FSDP"))
+    config = {"_class_name": cls.__name__, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
+    )
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n].contiguous() for n in names}, out_dir / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -373,7 +409,20 @@ class TrainingRun:
             torch.set_num_threads(cfg.train.torch_threads)
         torch.manual_seed(cfg.train.seed)
         self.policy = setup_policy(cfg, device)
-        self.params = trainable_parameters(self.policy.transformer)
+        # Data parallel: DDP (LoRA) or FSDP2 (full fine-tuning) over the workers' process group.
+        strategy = "none"
+        if dist.has_process_group:
+            strategy = resolve_strategy(cfg.ray.strategy, dist.world_size, cfg.finetune.mode)
+        elif cfg.ray.strategy not in ("auto", "none"):
+            log.info("ray.strategy=%s needs Ray workers; this one process trains alone", cfg.ray.strategy)
+        self.parallel = Parallel(
+            strategy, world_size=dist.world_size, rank=dist.rank, cpu_offload=cfg.ray.cpu_offload
+        )
+        self.policy.grad_module = self.parallel.wrap(self.policy.transformer, self.policy.device)
+        # After wrapping: under FSDP2 the parameters are DTensors holding this rank's shard.
+        named = [(n, p) for n, p in self.policy.transformer.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=cfg.optim.lr,
@@ -381,17 +430,21 @@ class TrainingRun:
             weight_decay=cfg.optim.weight_decay,
         )
         self.ema = EMA(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        # Ranks see different prompts and noise; rank 0 of a 1-worker run equals the single-process run.
-        rank_seed = cfg.train.seed + 1000 * dist.rank
-        self.sampler = PromptSampler(prompts, cfg.train.batch_size, rank_seed)
-        self.rng = StepRandomness.seeded(rank_seed)
+        # Global streams: the same seed on every rank, draws for the global batch, each rank its slice.
+        self.sampler = PromptSampler(
+            prompts, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size
+        )
+        self.rng = StepRandomness.seeded(cfg.train.seed, dist.rank, dist.world_size)
         self.sigmas = self.policy.sigmas(cfg.sampler.num_steps, cfg.sampler.height, cfg.sampler.width)
         self.meter = ComputeMeter(checkpointing=cfg.finetune.gradient_checkpointing)
         self.policy.meter = self.meter
         self.timer = PhaseTimer(self.policy.device)
         self.grid_prompts = prompts[: cfg.train.num_samples]
+        # Sharded weights: every rank takes part in the evaluation's forwards (rank 0 logs).
         self.evaluator = (
-            HeldOutEvaluator(cfg, reward_fn) if cfg.eval.during_training and dist.is_main else None
+            HeldOutEvaluator(cfg, reward_fn)
+            if cfg.eval.during_training and (dist.is_main or self.parallel.sharded)
+            else None
         )
         self.on_step_end = on_step_end or LocalCheckpoints(
             self.out_dir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints
@@ -402,36 +455,68 @@ class TrainingRun:
         self.time_total = 0.0
         self.result = TrainResult(output_dir=self.out_dir, run_id=getattr(tracker, "run_id", None))
         self.extra_state: dict[str, Any] = {}  # a recipe's own state to checkpoint (e.g. GRPO's nothing yet)
+        self.stop_requested = False  # set by a Ctrl-C in a local run (train.finish_step_on_interrupt)
+        self.stopped_at_step = 0
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self, step: int) -> dict[str, Any]:
+        """A one-process checkpoint (`.pt`): tensors and train state in one file."""
         return {
-            "step": step,
             "params": [p.detach().cpu() for p in self.params],
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            **self.train_state(step),
+        }
+
+    def train_state(self, step: int) -> dict[str, Any]:
+        """Everything but the tensors: the same on every rank (global streams); a DCP checkpoint's
+        train_state.pt."""
+        return {
+            "step": step,
             "sampler": self.sampler.state_dict(),
             "randomness": self.rng.state_dict(),
             "nfe_total": self.nfe_total,
             "time_total": self.time_total,
             "eval_nfe_mark": self.evaluator.last_nfe_mark if self.evaluator else 0,
             "extra": self.extra_state,
+            "world_size": self.dist.world_size,
+            "global_batch": self.cfg.train.batch_size * self.dist.world_size,
         }
 
+    def ema_shadow(self) -> dict[str, Tensor] | None:
+        return dict(zip(self.param_names, self.ema.shadow, strict=True)) if self.ema is not None else None
+
     def save_checkpoint(self, path: Path, step: int) -> None:
-        """torch.save to a temp file, then rename: an interrupted write never replaces a good checkpoint."""
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(step), tmp)
+        """A `.pt` file (one process): torch.save to a temp file, then rename, so an interrupted write never
+        replaces a good checkpoint. Any other path: a DCP folder, this rank's shards (every rank calls it)."""
+        if path.suffix == ".pt":
+            with atomic_path(path) as tmp:
+                torch.save(self.state_dict(step), tmp)
+            return
+        save_state(
+            path, self.policy.transformer, self.optimizer, self.ema_shadow(), self.train_state(step),
+            self.dist.is_main,
+        )  # fmt: skip
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"], strict=True):
-                p.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        if is_dcp_checkpoint(path):
+            state = load_state(path, self.policy.transformer, self.optimizer, self.ema_shadow())
+            if state["global_batch"] != self.cfg.train.batch_size * self.dist.world_size:
+                log.warning(
+                    "checkpoint %s was written with a global batch of %d (%d workers), this run's is %d: the "
+                    "numbers will differ from the uninterrupted run's (set train.batch_size to keep them)",
+                    path, state["global_batch"], state["world_size"],
+                    self.cfg.train.batch_size * self.dist.world_size,
+                )  # fmt: skip
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for p, saved in zip(self.params, state["params"], strict=True):
+                    p.copy_(saved)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         self.sampler.load_state_dict(state["sampler"])
         self.rng.load_state_dict(state["randomness"])
         self.start_step = int(state["step"])
@@ -449,6 +534,12 @@ class TrainingRun:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         cfg, dist = self.cfg, self.dist
+        # The ranks that run the grids' and the evaluation's forwards (all of them when weights are sharded).
+        forwards = dist.is_main or self.parallel.sharded
+        if self.start_step == 0 and forwards:
+            before = self.sample_grid_images()
+            # the curve starts at the base model, at zero compute
+            before_eval = self.evaluate() if self.evaluator is not None else None
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -456,11 +547,10 @@ class TrainingRun:
             self.tracker.log_artifact(self.out_dir / "config.yaml")
             if self.start_step == 0:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-                before = self.sample_grid_images()
                 save_grid(make_grid([before], self.grid_prompts), self.out_dir / "samples_before.png")
                 self.tracker.log_artifact(self.out_dir / "samples_before.png", "samples")
-                if self.evaluator is not None:  # the curve starts at the base model, at zero compute
-                    self.log_step(0, self.evaluate())
+                if before_eval is not None:
+                    self.log_step(0, before_eval)
             else:
                 trim_metrics_log(self.out_dir / "metrics.jsonl", self.start_step)
         self.bar = tqdm(
@@ -478,20 +568,20 @@ class TrainingRun:
         self.timer.reset()
 
     def apply_gradients(self, step: int, ok: bool, reason: str | None) -> dict[str, float]:
-        """Average gradients over ranks, clip, step, EMA; skip (weights untouched) when any rank is not ok.
+        """Clip, step, EMA; skip (weights untouched) when any rank is not ok.
 
-        `ok` must already agree on every rank (the recipe votes before backward). A non-finite gradient
-        norm, the same on every rank after the all-reduce, also skips.
+        The gradients are already averaged over ranks (DDP's hooks or FSDP2's reduce-scatter, in the last
+        micro-batch's backward). `ok` must already agree on every rank (the recipe votes before backward).
+        A non-finite gradient norm, the same on every rank (a global norm), also skips.
         """
         with self.timer.phase("optimizer"):
             grad_norm = float("nan")
             if ok:
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-                self.dist.all_reduce_mean_(grads)
-                for p, g in zip(self.params, grads, strict=True):
-                    p.grad = g
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
-                ok = math.isfinite(grad_norm)  # CPU-GPU sync: one per optimizer step
+                for p in self.params:
+                    if p.grad is None:  # a weight the loss did not reach steps with a zero gradient
+                        p.grad = torch.zeros_like(p)
+                grad_norm = self.parallel.clip_grad_norm(self.params, self.cfg.optim.max_grad_norm)
+                ok = math.isfinite(grad_norm)
                 reason = reason or "non-finite gradient (here or on another worker)"
             if ok:
                 self.optimizer.step()
@@ -509,9 +599,12 @@ class TrainingRun:
         Returns True when the run is over (last iteration, or the compute budget train.max_nfe spent).
         """
         cfg, dist = self.cfg, self.dist
+        metrics = dist.all_mean(metrics)  # the global batch's loss and rewards, the same on every rank
         nfe = dist.sum_int(self.meter.nfe)  # every worker's compute; the same number on every rank
         self.nfe_total += nfe
         done = step + 1 >= cfg.train.iterations or (0 < cfg.train.max_nfe <= self.nfe_total)
+        if self.stop_requested:  # Ctrl-C in a local run: this step is the last, and it is checkpointed
+            done, self.stopped_at_step = True, step + 1
         held_out = {}
         if self.evaluator is not None and (self.evaluator.due(step + 1, self.nfe_total) or done):
             held_out = self.evaluate()  # inside the step's time (phase "eval")
@@ -527,12 +620,13 @@ class TrainingRun:
             **held_out,
         }
         self.result.history.append(metrics)
+        grid_due = cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0
+        images = self.sample_grid_images() if grid_due and (dist.is_main or self.parallel.sharded) else None
         if dist.is_main:
             self.bar.update(1)
             self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "reward/mean") if k in metrics})
             self.log_step(step + 1, metrics, force=done)
-            if cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0:
-                images = self.sample_grid_images()
+            if images is not None:
                 path = self.out_dir / f"samples_step{step + 1:05d}.png"
                 self.tracker.log_artifact(save_grid(make_grid([images], self.grid_prompts), path), "samples")
         self.on_step_end(step + 1, metrics, lambda path: self.save_checkpoint(path, step + 1), done)
@@ -567,21 +661,36 @@ class TrainingRun:
             max_sequence_length=cfg.model.max_sequence_length,
         )
 
+    def export_weights(self, folder: Path) -> None:
+        """The trained weights in the diffusers format (rank 0 writes); sharded weights are gathered first."""
+        if self.parallel.sharded:
+            state = self.parallel.full_model_state(self.policy.transformer)  # collective: every rank
+            if self.dist.is_main:
+                save_transformer_state(self.policy.transformer, state, folder)
+        elif self.dist.is_main:
+            save_trained_weights(self.policy, self.cfg, folder)
+
     def finish(self) -> TrainResult:
-        """Trained (and EMA) weights, the before/after grid, all logged to the tracker (rank 0)."""
+        """Trained (and EMA) weights, the before/after grid, all logged to the tracker (rank 0).
+
+        Sharded weights (fsdp2): every rank takes part in the export's gather and the grids' forwards.
+        """
         self.bar.close()
-        if not self.dist.is_main:
+        if not (self.dist.is_main or self.parallel.sharded):
             return self.result
         cfg, out_dir, tracker = self.cfg, self.out_dir, self.tracker
         name = "lora" if cfg.finetune.mode == "lora" else "transformer"
-        save_trained_weights(self.policy, cfg, out_dir / name)
-        tracker.log_artifact(out_dir / name)
+        self.export_weights(out_dir / name)
         rows, labels = [self.sample_grid_images()], ["trained"]
         if self.ema is not None:
             with self.ema.swapped():
-                save_trained_weights(self.policy, cfg, out_dir / f"{name}_ema")
+                self.export_weights(out_dir / f"{name}_ema")
                 rows.append(self.sample_grid_images())
                 labels.append("EMA")
+        if not self.dist.is_main:
+            return self.result
+        tracker.log_artifact(out_dir / name)
+        if self.ema is not None:
             tracker.log_artifact(out_dir / f"{name}_ema")
         save_grid(make_grid(rows, self.grid_prompts, labels), out_dir / "samples_after.png")
         tracker.log_artifact(out_dir / "samples_after.png", "samples")

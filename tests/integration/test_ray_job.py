@@ -148,6 +148,7 @@ def test_ray_job_submit_trains_and_logs_one_mlflow_run(token_head, tiny_flux_dir
     logged = {a.path for a in client.list_artifacts(run_id)}
     for name in ("config.yaml", "lora", "lora_ema", "samples", "metrics.jsonl"):
         assert name in logged, f"artifact {name} missing: {sorted(logged)}"
-    assert (tmp_path / "ray_results" / "run" / "checkpoint_000002" / "rank_0.pt").is_file(), (
-        "the final checkpoint is beside the output folder"
+    final = tmp_path / "ray_results" / "run" / "checkpoint_000002"
+    assert (final / ".metadata").is_file() and (final / "train_state.pt").is_file(), (
+        "the final checkpoint (a DCP folder) is beside the output folder"
     )

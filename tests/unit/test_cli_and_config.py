@@ -106,7 +106,7 @@ def test_core_never_imports_ray():
         "import sys, leapalign, leapalign.train, leapalign.training, leapalign.cli, leapalign.methods, "
         "leapalign.methods.grpo, leapalign.recipes.direct, leapalign.recipes.grpo, leapalign.evaluation, "
         "leapalign.models.flux, leapalign.models.tiny, leapalign.compute, "
-        "leapalign.rewards.simple, leapalign.tracking, leapalign.config, leapalign.sampling\n"
+        "leapalign.rewards.simple, leapalign.tracking, leapalign.config, leapalign.sampling, leapalign.parallel\n"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "assert not bad, bad\n"
     )

@@ -63,3 +63,20 @@ def test_dashboard_local_only_and_token_auth_everywhere(cluster):
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token", "every node needs the token"
     mlflow = " ".join(c for c in cluster["head_start_ray_commands"] if "mlflow server" in c)
     assert "--workers 1" in mlflow and "sqlite:///" in mlflow, f"MLflow server command: {mlflow}"
+
+
+def test_full_finetuning_node_type_and_shared_storage_notes(cluster):
+    """The paper's full fine-tuning: 8 x 80 GB GPUs per node, at most 2 nodes; checkpoints on shared storage."""
+    eight = {
+        n: t for n, t in cluster["available_node_types"].items() if t.get("resources", {}).get("GPU") == 8
+    }
+    assert eight, "no node type with 8 GPUs for full fine-tuning"
+    name, node = next(iter(eight.items()))
+    assert node["node_config"]["InstanceType"] == "p5.48xlarge", f"{name}: 8 x H100 80 GB is p5.48xlarge"
+    assert node["min_workers"] == 0 and node["max_workers"] == 2, f"{name}: 0..2 nodes, got {node}"
+    assert node["max_workers"] <= cluster["max_workers"], f"{name}: above the cluster's max_workers"
+    text = (REPO / "cluster.yaml").read_text()
+    for phrase in ("ray.storage_path", "s3://", "NFS", "DCP"):
+        assert phrase in text, (
+            f"cluster.yaml must say how checkpoints reach shared storage ({phrase!r} missing)"
+        )

@@ -6,15 +6,16 @@
 Driver (`run_on_ray`): check what a user can get wrong (model folder, prompts, reward, tracking server,
 storage path) before any work; start or join a Ray cluster; create (or, resuming, reattach to) the MLflow
 run; fit a TorchTrainer (Train V2); close the run. Workers (`train_worker`): Ray has set up
-torch.distributed (gloo on CPU; gloo + NCCL on GPU); each calls `train()` with a TorchDistContext, which
-averages gradients over the workers exactly as DDP does. Full fine-tuning replicates the weights the same
-way (no FSDP sharding on this path: see README, "Ray").
+torch.distributed (gloo on CPU; gloo + NCCL on GPU); each calls `train()` with a TorchDistContext, and the
+run wraps the transformer for ray.strategy (leapalign.parallel: DDP for LoRA, FSDP2 for full fine-tuning).
 
-Checkpoints: every train.checkpoint_every steps and at the last step, every rank writes its full checkpoint
-(weights, optimizer, EMA, its own prompt-order and noise streams) as rank_<r>.pt; Ray merges the ranks'
-folders into STORAGE/RUN/checkpoint_<step>. A restarted worker group (FailureConfig(max_failures)) and a
-new `leapalign train ... train.resume=true` (same STORAGE/RUN: Train V2 restores it) continue from the
-newest one with the same numbers an uninterrupted run would give.
+Checkpoints: every train.checkpoint_every steps and at the last step, every rank writes its shards of the
+weights, AdamW state and EMA with torch.distributed.checkpoint (DCP) into a folder of its own, rank 0 adds
+train_state.pt (step, the global prompt-order and noise streams); Ray merges the ranks' folders into one
+DCP checkpoint, STORAGE/RUN/checkpoint_<step>. A restarted worker group (FailureConfig(max_failures)) and
+a new `leapalign train ... train.resume=true` (same STORAGE/RUN: Train V2 restores it) continue from the
+newest one with the same numbers an uninterrupted run would give, with any number of workers (DCP
+reshards; keep the global batch ray.num_workers x train.batch_size to keep the numbers).
 
 MLflow without duplicates: rank 0 logs every step as it ends (live curves) and, when it starts, asks MLflow
 for the last step it holds; steps replayed after a restart or a resume (the same numbers again) are dropped
@@ -36,6 +37,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch.distributed
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
@@ -140,6 +142,7 @@ def run_on_ray(
                 num_workers=cfg.ray.num_workers,
                 use_gpu=cfg.ray.use_gpu,
                 resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                placement_strategy=cfg.ray.placement,
             ),
             run_config=RunConfig(
                 name=storage.name,
@@ -345,6 +348,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     quiet_libraries()
     dist = TorchDistContext()
     rank = dist.rank
+    # Which Ray node each rank runs on (rank order), recorded in every checkpoint's meta.json.
+    worker_nodes: list[str | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
     tracker: Tracker = NullTracker()
     if rank == 0 and loop_config["run_id"] is not None:
         tracker = ResumableTracker(
@@ -354,13 +360,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with checkpoint.as_directory() if checkpoint else nullcontext() as checkpoint_dir:
         resume_from = None
         if checkpoint_dir is not None:
-            resume_from = Path(checkpoint_dir) / f"rank_{rank}.pt"
+            resume_from = Path(checkpoint_dir)  # a DCP folder: loads on any number of workers
             meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
-            if not resume_from.is_file():
-                raise ValueError(
-                    f"checkpoint {checkpoint.path} was written by {meta['num_workers']} workers and has no "
-                    f"{resume_from.name}: resume with ray.num_workers={meta['num_workers']}"
-                )
             if isinstance(tracker, ResumableTracker):  # an event log: one point per resume
                 tracker.tracker.log_metrics({"ray/resumed_from_step": meta["step"]}, step=meta["step"])
         train(
@@ -369,7 +370,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker=tracker,
             dist=dist,
             resume_from=resume_from,
-            on_step_end=checkpoint_hook(cfg, dist, tracker, worker_group_id()),
+            on_step_end=checkpoint_hook(cfg, dist, tracker, worker_nodes, worker_group_id()),
             device=str(get_device()),
             progress=False,
         )
@@ -382,15 +383,20 @@ def worker_group_id() -> str | None:
 
 
 def checkpoint_hook(
-    cfg: Config, dist: TorchDistContext, tracker: Tracker, placement_group: str | None = None
+    cfg: Config,
+    dist: TorchDistContext,
+    tracker: Tracker,
+    worker_nodes: list[str | None],
+    placement_group: str | None = None,
 ) -> StepHook:
     """train()'s on_step_end: progress line, metrics to Ray every step, a checkpoint every checkpoint_every.
 
     ray.train.report is a barrier in Train V2: every rank calls it at the same steps, each with its own
-    folder (rank_<r>.pt); Ray merges them into one checkpoint_<step> folder in storage. Reporting every
-    step (without a checkpoint in between) is what lets a Tune scheduler see the held-out curve. Each
-    report names the workers' placement group (PLACEMENT_GROUP_KEY), which a sweep releases itself when
-    it stops the trial (tune_runner.ReleaseStoppedWorkers).
+    folder (its DCP shards; rank 0 also .metadata, train_state.pt, meta.json); Ray merges them into one
+    checkpoint_<step> folder in storage. Reporting every step (without a checkpoint in between) is what
+    lets a Tune scheduler see the held-out curve. Each report names the workers' placement group
+    (PLACEMENT_GROUP_KEY), which a sweep releases itself when it stops the trial
+    (tune_runner.ReleaseStoppedWorkers).
     """
     tag = {PLACEMENT_GROUP_KEY: placement_group} if placement_group else {}
 
@@ -405,9 +411,9 @@ def checkpoint_hook(
             ray.train.report({"step": step, **metrics, **tag})
             return
         with tempfile.TemporaryDirectory(prefix="leapalign-ckpt-", ignore_cleanup_errors=True) as tmp:
-            save_checkpoint(Path(tmp) / f"rank_{dist.rank}.pt")
+            save_checkpoint(Path(tmp))  # DCP: every rank its shards (a collective)
             if dist.is_main:
-                meta = {"step": step, "num_workers": dist.world_size}
+                meta = {"step": step, "num_workers": dist.world_size, "worker_nodes": worker_nodes}
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta))
             maybe_inject_fault(step, dist.rank)
             ray.train.report(

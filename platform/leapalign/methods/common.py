@@ -30,14 +30,41 @@ class StepRandomness:
 
     noise: initial latents (and any re-noising); steps: which steps a method trains (leap pairs, ReFL's
     t, DRTune's offsets, GRPO's SDE noise and timestep subsets).
+
+    Global streams: every data-parallel rank holds the same streams (same seed) and draws for the GLOBAL
+    batch (world_size x its own); `local` keeps this rank's rows. Step choices (leap pair, t) are one draw
+    for the whole global batch. So 2 workers with batch B draw exactly what 1 worker with batch 2B draws,
+    and a checkpoint's streams fit any number of workers. One worker draws what it always drew.
     """
 
     noise: torch.Generator
     steps: torch.Generator
+    rank: int = 0
+    world_size: int = 1
 
     @classmethod
-    def seeded(cls, seed: int) -> StepRandomness:
-        return cls(torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
+    def seeded(cls, seed: int, rank: int = 0, world_size: int = 1) -> StepRandomness:
+        return cls(
+            torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1), rank, world_size
+        )
+
+    def local(self, global_batch: Tensor) -> Tensor:
+        """This rank's rows of a tensor drawn for the global batch: [world_size * B, ...] -> [B, ...]."""
+        size = global_batch.shape[0] // self.world_size
+        return global_batch[self.rank * size : (self.rank + 1) * size]
+
+    def randn_local(self, shape: Sequence[int], generator: torch.Generator) -> Tensor:
+        """Standard normal fp32 noise of this rank's `shape` [B, ...], drawn (on CPU) for the global batch."""
+        draw = torch.randn((shape[0] * self.world_size, *shape[1:]), generator=generator, dtype=torch.float32)
+        return self.local(draw)
+
+    def rank_generator(self) -> torch.Generator:
+        """A generator of this rank's own (for draws not made for the global batch), seeded from `steps`.
+
+        Only with several workers (one worker keeps drawing from `steps` itself, as it always did).
+        """
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.steps).item())
+        return torch.Generator().manual_seed(seed + self.rank)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"noise": self.noise.get_state(), "steps": self.steps.get_state()}
@@ -57,11 +84,12 @@ class Batch:
 
 
 def prepare_batch(policy: FluxPolicy, prompts: Sequence[str], cfg: Config, rng: StepRandomness) -> Batch:
-    """Frozen text conditioning (no graph) and the initial noise, drawn from rng.noise."""
+    """Frozen text conditioning (no graph) and the initial noise, drawn from rng.noise for the global batch."""
     cond = policy.encode_prompts(list(prompts), cfg.model.max_sequence_length)
     latents, image_ids = policy.prepare_latents(
-        len(prompts), cfg.sampler.height, cfg.sampler.width, rng.noise
+        len(prompts) * rng.world_size, cfg.sampler.height, cfg.sampler.width, rng.noise
     )
+    latents = rng.local(latents)  # [B, S, C] this rank's rows
     return Batch(policy.velocity_fn(cond, image_ids, cfg.sampler.guidance_scale), latents, image_ids)
 
 

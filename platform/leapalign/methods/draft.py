@@ -78,7 +78,7 @@ def draft_lv_loss(
     # 2. n re-noised repeats of the last step around sg(x_0): x' = (1 - s) sg(x_0) + s eps.
     sigma = sigmas[last]
     for _ in range(opts.extra_samples):
-        eps = torch.randn(x0.shape, generator=rng.noise, dtype=torch.float32).to(x0.device)
+        eps = rng.randn_local(x0.shape, rng.noise).to(x0.device)  # drawn for the global batch
         renoised = (1 - sigma) * x0.detach() + sigma * eps
         extra = decode_and_score(
             policy, last_step_with_grad(batch.velocity, renoised, sigma), prompts, reward_fn, cfg

@@ -94,6 +94,9 @@ class FluxPolicy:
         self.vae_scale_factor = pipe.vae_scale_factor
         self.num_channels_latents = self.transformer.config.in_channels // 4
         self.meter: ComputeMeter | None = None  # counts transformer calls (compute accounting) when set
+        # Forwards that build a graph go through this wrapper when set (DDP: its hooks reduce the gradients);
+        # no-grad forwards (rollouts, grids) call the transformer itself and never touch a collective.
+        self.grad_module: torch.nn.Module | None = None
         for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
             if module is not None:
                 module.requires_grad_(False)
@@ -210,8 +213,11 @@ class FluxPolicy:
             if transformer.config.guidance_embeds:
                 guidance = torch.full((batch,), guidance_scale, device=latents.device, dtype=torch.float32)
             timestep = sigma.expand(batch).to(weight_dtype)
+            module = (
+                self.grad_module if self.grad_module is not None and torch.is_grad_enabled() else transformer
+            )
             with self.autocast():
-                out = transformer(
+                out = module(
                     hidden_states=latents.to(weight_dtype),
                     timestep=timestep,
                     guidance=guidance,

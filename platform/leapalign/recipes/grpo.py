@@ -68,11 +68,18 @@ def group_rollout(
     group = opts.group_size
     cond = policy.encode_prompts(prompts, cfg.model.max_sequence_length).repeat(group)  # [B, L, D]
     height, width = cfg.sampler.height, cfg.sampler.width
+    # Initial noise is drawn for the global batch (every rank's prompts), this rank keeps its rows.
     if opts.shared_noise:
-        noise, image_ids = policy.prepare_latents(len(prompts), height, width, rng.noise)
-        noise = noise.repeat_interleave(group, dim=0)  # [B, S, C]
+        noise, image_ids = policy.prepare_latents(len(prompts) * rng.world_size, height, width, rng.noise)
+        noise = rng.local(noise).repeat_interleave(group, dim=0)  # [B, S, C]
     else:
-        noise, image_ids = policy.prepare_latents(len(prompts) * group, height, width, rng.noise)
+        noise, image_ids = policy.prepare_latents(
+            len(prompts) * group * rng.world_size, height, width, rng.noise
+        )
+        noise = rng.local(noise)
+    # SDE noise: one worker draws from rng.steps as always; several draw from a stream of their own (seeded
+    # from the shared one), so ranks never share noise. Not rank-invariant like the initial noise (TODO).
+    sde_generator = rng.steps if rng.world_size == 1 else rng.rank_generator()
     num_steps = len(sigmas) - 1
     latents = torch.empty((num_steps + 1, *noise.shape), dtype=noise.dtype, device=noise.device)
     log_probs = torch.zeros(noise.shape[0], num_steps, dtype=torch.float32, device=noise.device)
@@ -88,7 +95,7 @@ def group_rollout(
                 velocity=velocity,
                 sigma=sigmas[t],
                 sigma_next=sigmas[t + 1],
-                generator=rng.steps,
+                generator=sde_generator,
                 **{**sde_kwargs(cfg, sigmas), "noise_level": level},
             )
             x = step.prev_sample

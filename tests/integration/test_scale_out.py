@@ -1,0 +1,220 @@
+"""Scale out on a real local Ray cluster (127.0.0.1, 2 CPUs, gloo) with the tiny Flux.
+
+Global random streams make N workers with batch B compute what one process with batch N x B computes:
+FSDP2 (full fine-tuning) and DDP (LoRA) with 2 workers give the losses and trained weights of the single
+process with the combined batch; a DCP checkpoint written by 2 FSDP2 workers resumes on 1 worker and then
+on 2 again with the numbers of an uninterrupted run, each MLflow step logged once; a NaN reward on one
+rank skips the step on every rank without a hang.
+
+Tolerances: the batch is split across processes, so sums are taken in another order. Losses agree to
+rtol 1e-5 (seen: 1.5e-7). Weights agree to atol 1e-4: AdamW's first step moves each weight by lr x
+sign(grad) (lr = 3e-3 here), so a weight whose gradient is rounding noise may move either way; a real
+mismatch (another batch, unsynced gradients) moves thousands of weights by ~lr.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leapalign.distributed.ray_train import run_on_ray
+from leapalign.train import train
+from leapalign.training import PromptSampler
+from tests.conftest import local_ray
+from tests.integration.test_ray_train import metric_steps, only_run, tiny_cfg
+
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-4
+# Reward built in each worker (no Ray Serve deployment to start): the numbers do not depend on it.
+LOCAL_REWARD = {"reward.serve": "false"}
+FULL = {"finetune.mode": "full", **LOCAL_REWARD}
+LORA = {"finetune.mode": "lora", **LOCAL_REWARD}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # notices a dead worker sooner
+        with local_ray() as context:
+            yield context
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def single_process(tiny_flux_dir: Path, tmp: Path, **extra) -> list[dict[str, float]]:
+    """The reference: one process (no Ray, no torch.distributed) with the combined batch."""
+    cfg = tiny_cfg(tiny_flux_dir, tmp, **{"tracking.enabled": "false", **extra})
+    return train(cfg, progress=False).history
+
+
+def weights_in(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == 1, f"{folder}: expected one safetensors file, found {files}"
+    return load_file(files[0])
+
+
+def assert_same_weights(got: dict, want: dict, label: str) -> None:
+    assert sorted(got) == sorted(want), f"{label}: exported tensor names differ"
+    diff = max((got[k] - want[k]).abs().max().item() for k in want)
+    assert diff <= WEIGHT_ATOL, f"{label}: trained weights differ from the single process by up to {diff}"
+
+
+# ----------------------------------------------------------------------------- 1. equivalence
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra", "weights"),
+    # Two micro-batches per update: gradients cross ranks only in the second one's backward (DDP no_sync,
+    # FSDP2 set_requires_gradient_sync(False)); FSDP2 also with gradient checkpointing in the blocks.
+    [
+        ("fsdp2", {**FULL, "train.grad_accum": 2, "finetune.gradient_checkpointing": "true"}, "transformer"),
+        ("ddp", {**LORA, "train.grad_accum": 2}, "lora"),
+    ],
+    ids=["fsdp2-full", "ddp-lora"],
+)
+def test_two_workers_equal_one_process_with_the_combined_batch(
+    ray_cluster, tiny_flux_dir, tmp_path, mode, extra, weights
+):
+    steps = 2
+    reference = single_process(
+        tiny_flux_dir, tmp_path / "one", **{**extra, "train.iterations": steps, "train.batch_size": 2}
+    )
+    cfg = tiny_cfg(
+        tiny_flux_dir,
+        tmp_path / "two",
+        **{
+            **extra,
+            "train.iterations": steps,
+            "train.batch_size": 1,
+            "ray.num_workers": 2,
+            "train.checkpoint_every": steps,
+            "tracking.enabled": "false",
+        },
+    )
+    started = time.monotonic()
+    result = run_on_ray(cfg)
+    print(f"{mode}: 2 workers, {steps} steps in {time.monotonic() - started:.1f}s")
+
+    assert result.metrics["step"] == steps, f"{mode}: last reported step {result.metrics}"
+    records = jsonl(tmp_path / "two" / "run" / "metrics.jsonl")
+    for key in ("loss", "reward/mean", "grad_norm"):
+        got, want = [r[key] for r in records], [m[key] for m in reference]
+        assert got == pytest.approx(want, rel=LOSS_RTOL), f"{mode} {key}: 2 workers {got} vs 1 process {want}"
+    got = weights_in(tmp_path / "two" / "run" / weights)
+    want = weights_in(tmp_path / "one" / "run" / weights)
+    assert_same_weights(got, want, mode)
+
+    # The checkpoint is one DCP folder. FSDP2 saves every weight as 2 row shards (one per rank); DDP's
+    # replicated weights are saved whole, once.
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(result.checkpoint_path)
+    assert (folder / ".metadata").is_file() and (folder / "train_state.pt").is_file(), f"{folder} incomplete"
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    chunks = [len(v.chunks) for k, v in metadata.items() if k.startswith("model.") and hasattr(v, "chunks")]
+    assert chunks, f"{folder}: no weights in the checkpoint"
+    if mode == "fsdp2":
+        sharded = sum(c == 2 for c in chunks) / len(chunks)
+        assert sharded > 0.9, f"fsdp2: only {sharded:.0%} of the weights were saved as 2 shards"
+    else:
+        assert set(chunks) == {1}, f"ddp: replicated weights are saved whole, got chunk counts {set(chunks)}"
+
+
+# ----------------------------------------------------------------------------- 2. resharded resume
+
+
+def test_fsdp2_checkpoint_resumes_on_one_worker_and_on_two(ray_cluster, tiny_flux_dir, tmp_path):
+    steps = 4
+    reference = single_process(
+        tiny_flux_dir, tmp_path / "whole", **{**FULL, "train.iterations": steps, "train.batch_size": 2}
+    )
+    common = {**FULL, "train.checkpoint_every": 1, "train.keep_checkpoints": 5}
+    two = {"ray.num_workers": 2, "train.batch_size": 1}  # global batch 2 throughout
+    one = {"ray.num_workers": 1, "train.batch_size": 2}
+    # 2 workers (fsdp2) steps 1-2 -> 1 worker (no sharding) step 3 -> 2 workers (fsdp2) step 4.
+    for iterations, workers, resume in ((2, two, "false"), (3, one, "true"), (4, two, "true")):
+        cfg = tiny_cfg(
+            tiny_flux_dir,
+            tmp_path,
+            **{**common, **workers, "train.iterations": iterations, "train.resume": resume},
+        )
+        result = run_on_ray(cfg)
+        assert result.metrics["step"] == iterations, f"run to {iterations} ended at {result.metrics}"
+
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED", f"the one MLflow run ends FINISHED, not {run.info.status}"
+    resumes = metric_steps(client, run.info.run_id, "ray/resumed_from_step")
+    assert resumes == [(2, 2.0), (3, 3.0)], f"expected resumes from step 2 (2 -> 1) and 3 (1 -> 2): {resumes}"
+    for key in ("loss", "grad_norm"):
+        logged = metric_steps(client, run.info.run_id, key)
+        assert [s for s, _ in logged] == list(range(1, steps + 1)), f"{key}: MLflow steps {logged}, want 1..4"
+        want = [m[key] for m in reference]
+        assert [v for _, v in logged] == pytest.approx(want, rel=LOSS_RTOL), (
+            f"{key}: resharded 2 -> 1 -> 2 {logged} vs uninterrupted single process {want}"
+        )
+    records = jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), "metrics.jsonl holds each step once"
+    assert_same_weights(
+        weights_in(tmp_path / "run" / "transformer"), weights_in(tmp_path / "whole" / "run" / "transformer"),
+        "resharded resume",
+    )  # fmt: skip
+    assert_same_weights(
+        weights_in(tmp_path / "run" / "transformer_ema"),
+        weights_in(tmp_path / "whole" / "run" / "transformer_ema"),
+        "resharded resume (EMA)",
+    )
+
+
+# ----------------------------------------------------------------------------- 3. NaN on one rank
+
+
+def test_nan_reward_on_rank_one_skips_the_step_on_every_rank(ray_cluster, tiny_flux_dir, tmp_path):
+    # Four prompts; the one rank 1 draws at step 1 (global streams: the order is known in advance) is
+    # poisoned: BrokenReward gives NaN for prompts containing "poison".
+    clean = ["a red square", "a blue circle", "a green field", "a yellow sun"]
+    ranks = [PromptSampler(clean, 1, seed=0, rank=r, world_size=2).next_batch()[0] for r in (0, 1)]
+    prompts = ["poison " + p if p == ranks[1] else p for p in clean]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    cfg = tiny_cfg(
+        tiny_flux_dir,
+        tmp_path,
+        **{
+            **LORA,
+            "reward.name": "tests.integration.broken_rewards:BrokenReward",
+            "train.prompts": str(prompt_file),
+            "train.iterations": 2,
+            "train.batch_size": 1,
+            "ray.num_workers": 2,
+            "train.checkpoint_every": 2,
+            "tracking.enabled": "false",
+        },
+    )
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = run_on_ray(cfg)
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=fit, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "a NaN reward on one rank hung the run (no result after 300 s)"
+    assert "error" not in outcome, f"the run failed instead of skipping: {outcome.get('error')!r}"
+    print(f"NaN run: {time.monotonic() - started:.1f}s")
+    records = jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["skipped"] for r in records] == [1.0, 0.0], (
+        f"step 1 (NaN on rank 1) skipped on every rank, step 2 applied: {records}"
+    )
+    assert "loss" in records[1] and "grad_norm" in records[1], f"step 2 trains normally: {records[1]}"
