@@ -6,4 +6,6 @@ bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Ray Train notices a dead worker within 0.2 s instead of seconds (the fault-injection tests wait on it).
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
+# A loaded 2-core machine can take over Ray Train's default 60 s to start a worker group.
+export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=300
 exec .venv/bin/python -m pytest -q "$@"
