@@ -239,7 +239,7 @@ def test_a_stopped_trials_workers_are_released_without_the_dashboard(ray_cluster
         timeout=60,
     )
     assert reported == group.id.hex(), f"a worker names its placement group: {reported} vs {group.id.hex()}"
-    assert ray.get(ray.remote(worker_group_id).remote(), timeout=60) is None, "outside a group: None"
+    assert ray.get(ray.remote(num_cpus=0)(worker_group_id).remote(), timeout=60) is None, "outside a group"
 
     class Trial:
         trial_id = "t0"
@@ -255,4 +255,6 @@ def test_a_stopped_trials_workers_are_released_without_the_dashboard(ray_cluster
             break
         time.sleep(0.1)
     assert state == "REMOVED", f"the stopped trial's group is removed, got {state}"
-    assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free_before), "its CPUs are free again"
+    # >=: an earlier test's workers may still be handing their CPUs back while this one runs.
+    free_after = ray.available_resources().get("CPU", 0.0)
+    assert free_after >= free_before - 1e-6, f"its CPUs are free again: {free_after} vs {free_before} before"
