@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,3 +71,19 @@ def local_ray(**init_kwargs):
             yield context
         finally:
             ray.shutdown()
+
+
+def start_in_thread(fn, *args) -> tuple[threading.Thread, dict]:
+    """Run fn(*args) in a daemon thread so a test can bound it (join with a timeout) or act while it runs;
+    the dict gets "result" or "error" (any exception, for the test to report)."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fn(*args)
+        except BaseException as err:  # reported by the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from leapalign.distributed.ray_train import run_on_ray
+from tests.conftest import start_in_thread
 from tests.integration.test_ray_train import tiny_cfg
 from tests.integration.test_scale_out import LORA, LOSS_RTOL, jsonl, single_process
 
@@ -63,16 +63,7 @@ def test_spread_workers_one_per_node_and_a_lost_node_resumes(two_nodes, tiny_flu
         **{**SPREAD, "train.iterations": steps, "train.checkpoint_every": 1, "train.keep_checkpoints": 5,
            "ray.max_failures": 2, "tracking.enabled": "false"},
     )  # fmt: skip
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = run_on_ray(cfg)
-        except BaseException as err:  # reported below
-            outcome["error"] = err
-
-    runner = threading.Thread(target=fit, daemon=True)
-    runner.start()
+    runner, outcome = start_in_thread(run_on_ray, cfg)
     # 1. Wait for the first checkpoint, written while both nodes run a worker; then take one node away.
     first = tmp_path / "ray_results" / "run" / "checkpoint_000001" / "meta.json"
     deadline = time.monotonic() + 300

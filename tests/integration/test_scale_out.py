@@ -15,7 +15,6 @@ mismatch (another batch, unsynced gradients) moves thousands of weights by ~lr.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors.torch import load_file
 from leapalign.distributed.ray_train import run_on_ray
 from leapalign.train import train
 from leapalign.training import PromptSampler
-from tests.conftest import local_ray
+from tests.conftest import local_ray, start_in_thread
 from tests.integration.test_ray_train import metric_steps, only_run, tiny_cfg
 
 LOSS_RTOL = 1e-5
@@ -198,17 +197,8 @@ def test_nan_reward_on_rank_one_skips_the_step_on_every_rank(ray_cluster, tiny_f
             "tracking.enabled": "false",
         },
     )
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = run_on_ray(cfg)
-        except BaseException as err:  # reported below
-            outcome["error"] = err
-
-    worker = threading.Thread(target=fit, daemon=True)
     started = time.monotonic()
-    worker.start()
+    worker, outcome = start_in_thread(run_on_ray, cfg)
     worker.join(timeout=300)
     assert not worker.is_alive(), "a NaN reward on one rank hung the run (no result after 300 s)"
     assert "error" not in outcome, f"the run failed instead of skipping: {outcome.get('error')!r}"
