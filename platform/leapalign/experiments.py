@@ -14,7 +14,7 @@ A sweep spec (YAML; paths relative to the spec file):
       leap.beta_a: {uniform: [0.5, 4.0], when: {leap.distribution: beta}}   # only used when it applies
       train.seed: {grid: [0, 1]}
     searcher: random                    # grid | random | optuna
-    num_samples: 8                      # random/optuna: trials; grid: repeats of the grid
+    num_samples: 8                      # random/optuna: trials (default 8); grid: repeats (default 1)
     metric: eval/overall                # what the searcher and the scheduler optimise (must be reported)
     mode: max
     scheduler: {name: asha, grace_period: 20, reduction_factor: 2}   # or {name: fifo}
@@ -279,7 +279,7 @@ def load_sweep_spec(path: str | Path, config_overrides: list[str] | None = None)
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{path}: mode={mode!r}; use max or min")
-    num_samples = raw.get("num_samples", 8)
+    num_samples = raw.get("num_samples", 1 if searcher == "grid" else 8)  # grid: every point once
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"{path}: num_samples={num_samples!r}; use an integer >= 1")
     spec = SweepSpec(

@@ -226,7 +226,7 @@ def test_a_stopped_trials_workers_are_released_without_the_dashboard(ray_cluster
     from ray.util.placement_group import placement_group, placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from leapalign.distributed.ray_train import PLACEMENT_GROUP_KEY, worker_group_id
+    from leapalign.distributed.ray_train import CONTROLLER_KEY, PLACEMENT_GROUP_KEY, worker_group_id
     from leapalign.distributed.tune_runner import ReleaseStoppedWorkers
 
     free_before = ray.available_resources().get("CPU", 0.0)
@@ -244,10 +244,25 @@ def test_a_stopped_trials_workers_are_released_without_the_dashboard(ray_cluster
     class Trial:
         trial_id = "t0"
 
+    # The trial's Train controller still lives when the trial ends: removing the group then would only
+    # make it start a new one. The group goes once the controller is dead.
+    controller = ray.remote(num_cpus=0)(type("Controller", (), {"ping": lambda self: 1})).remote()
+    assert ray.get(controller.ping.remote(), timeout=60) == 1
     callback = ReleaseStoppedWorkers()
-    callback.on_trial_result(0, [], Trial(), {"step": 1, PLACEMENT_GROUP_KEY: reported})
+    callback.on_trial_result(
+        0, [], Trial(), {"step": 1, PLACEMENT_GROUP_KEY: reported, CONTROLLER_KEY: controller._actor_id.hex()}
+    )
     callback.on_trial_complete(0, [], Trial())
+    callback.on_step_begin(0, [])
+    assert placement_group_table(group)["state"] == "CREATED", "kept while the trial's controller lives"
+    ray.kill(controller)
+    for _ in range(100):  # bounded: Tune calls on_step_begin on every loop of its event loop
+        callback.on_step_begin(0, [])
+        if not callback.pending:
+            break
+        time.sleep(0.1)
     callback.on_trial_complete(0, [], Trial())  # twice (ASHA stop, then the end): harmless
+    callback.on_experiment_end([])
     state = "?"
     for _ in range(100):  # bounded: removal is asynchronous
         state = placement_group_table(group)["state"]

@@ -154,3 +154,26 @@ def test_concurrent_trials_leave_room_for_the_reward_replicas():
     assert max_concurrent_trials(served, {"CPU": 0.5}) == 1, (
         "at least one trial (Ray then says what is missing)"
     )
+
+
+def test_sweep_num_samples_defaults_to_one_pass_of_a_grid(tiny_flux_dir, tmp_path):
+    """A grid searcher runs every grid point once unless num_samples says more; random/optuna draw 8."""
+    import yaml
+
+    from leapalign.experiments import load_sweep_spec
+
+    for searcher, values, expected in (
+        ("grid", {"grid": [0.0, 1.0]}, 1),
+        ("random", {"uniform": [0.0, 1.0]}, 8),
+    ):
+        spec = {
+            "base": str(REPO / "experiments" / "tiny_demo.yaml"),
+            "overrides": {"model.path": str(tiny_flux_dir)},
+            "search": {"method.leapalign.alpha": values},
+            "searcher": searcher,
+            "metric": "loss",
+            "mode": "min",
+        }
+        path = tmp_path / f"{searcher}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        assert load_sweep_spec(path).num_samples == expected, f"{searcher}: default num_samples {expected}"

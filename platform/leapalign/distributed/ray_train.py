@@ -75,10 +75,13 @@ FAULT_RANK_ENV = "LEAPALIGN_FAULT_RANK"
 FAULT_MARKER_ENV = "LEAPALIGN_FAULT_MARKER"
 FAULT_GRACE_S = 3.0  # seconds between the injected fault's decision and the exit
 
-# Reported beside the metrics: the placement group (hex id) of the run's workers. A Tune scheduler that
-# stops a trial kills its Train controller mid-run, and Ray Train's own cleaner of the orphaned group
-# needs the dashboard's State API; the sweep driver releases the group by this id instead.
+# Reported beside the metrics: the placement group (hex id) of the run's workers and their Train
+# controller (actor id). A Tune scheduler that stops a trial kills its controller mid-run, and Ray Train's
+# own cleaner of the orphaned group needs the dashboard's State API; the sweep driver releases the group
+# by these ids instead, once the controller is gone (tune_runner.ReleaseStoppedWorkers).
 PLACEMENT_GROUP_KEY = "ray/placement_group"
+CONTROLLER_KEY = "ray/train_controller"
+RUN_IDENTITY_KEYS = (PLACEMENT_GROUP_KEY, CONTROLLER_KEY)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
@@ -166,7 +169,7 @@ def run_on_ray(
             ray.shutdown()
     tracker.end("FINISHED")
     return RayRunResult(
-        metrics={k: v for k, v in (result.metrics or {}).items() if k != PLACEMENT_GROUP_KEY},
+        metrics={k: v for k, v in (result.metrics or {}).items() if k not in RUN_IDENTITY_KEYS},
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         run_dir=storage.uri,
         output_dir=Path(cfg.train.output_dir),
@@ -370,7 +373,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker=tracker,
             dist=dist,
             resume_from=resume_from,
-            on_step_end=checkpoint_hook(cfg, dist, tracker, worker_nodes, worker_group_id()),
+            on_step_end=checkpoint_hook(cfg, dist, tracker, worker_nodes, run_identity()),
             device=str(get_device()),
             progress=False,
         )
@@ -382,23 +385,38 @@ def worker_group_id() -> str | None:
     return group.id.hex() if group is not None else None
 
 
+def run_identity() -> dict[str, str]:
+    """What a sweep needs to free this run's workers itself: their placement group and Train controller."""
+    identity = {}
+    group = worker_group_id()
+    if group:
+        identity[PLACEMENT_GROUP_KEY] = group
+    try:  # Ray Train's internal context: the one place a worker can see its controller
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        identity[CONTROLLER_KEY] = get_train_context().controller_actor._actor_id.hex()
+    except Exception:  # outside Ray Train, or another Ray version: the group alone is released
+        pass
+    return identity
+
+
 def checkpoint_hook(
     cfg: Config,
     dist: TorchDistContext,
     tracker: Tracker,
     worker_nodes: list[str | None],
-    placement_group: str | None = None,
+    identity: dict[str, str] | None = None,
 ) -> StepHook:
     """train()'s on_step_end: progress line, metrics to Ray every step, a checkpoint every checkpoint_every.
 
     ray.train.report is a barrier in Train V2: every rank calls it at the same steps, each with its own
     folder (its DCP shards; rank 0 also .metadata, train_state.pt, meta.json); Ray merges them into one
     checkpoint_<step> folder in storage. Reporting every step (without a checkpoint in between) is what
-    lets a Tune scheduler see the held-out curve. Each report names the workers' placement group
-    (PLACEMENT_GROUP_KEY), which a sweep releases itself when it stops the trial
+    lets a Tune scheduler see the held-out curve. Each report names the workers' placement group and
+    controller (RUN_IDENTITY_KEYS), which a sweep releases itself when it stops the trial
     (tune_runner.ReleaseStoppedWorkers).
     """
-    tag = {PLACEMENT_GROUP_KEY: placement_group} if placement_group else {}
+    tag = dict(identity or {})
 
     def on_step_end(
         step: int, metrics: dict[str, float], save_checkpoint: Callable[[Path], None], final: bool

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from ray import tune
 
 from leapalign.config import Config, with_overrides
 from leapalign.distributed.ray_train import (
+    CONTROLLER_KEY,
     PLACEMENT_GROUP_KEY,
+    RUN_IDENTITY_KEYS,
     RunStorage,
     absolute_paths,
     connect_ray,
@@ -121,33 +124,74 @@ class ReleaseStoppedWorkers(tune.Callback):
     A trial that ASHA stops is killed with its Train controller, whose worker placement group outlives
     it; Ray Train's cleaner finds such groups through the dashboard's State API, and where that API does
     not answer the CPUs stay reserved and the next trials wait forever. The workers report their group
-    (PLACEMENT_GROUP_KEY) with every step; removing it once the trial has ended is what the cleaner
-    would do, without the dashboard.
+    and controller (RUN_IDENTITY_KEYS) with every step. Once the trial has ended and its controller is
+    dead (read from the GCS actor table, no dashboard), the group is removed: removing it while the
+    controller still lives would only make the controller start a new group, which would then leak.
     """
+
+    GRACE_S = 120.0  # a controller not seen dead by then: remove anyway (it belongs to a finished trial)
 
     def __init__(self) -> None:
         self.groups: dict[str, set[str]] = {}
+        self.controllers: dict[str, str] = {}
+        self.pending: dict[str, float] = {}  # trial id -> when to give up waiting for its controller
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        group = result.get(PLACEMENT_GROUP_KEY)
-        if group:
-            self.groups.setdefault(trial.trial_id, set()).add(group)
+        if result.get(PLACEMENT_GROUP_KEY):
+            self.groups.setdefault(trial.trial_id, set()).add(result[PLACEMENT_GROUP_KEY])
+        if result.get(CONTROLLER_KEY):
+            self.controllers[trial.trial_id] = result[CONTROLLER_KEY]
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.release(trial.trial_id)
+        self.pending.setdefault(trial.trial_id, time.monotonic() + self.GRACE_S)
+        self.release_finished()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.release(trial.trial_id)
+        self.on_trial_complete(iteration, trials, trial)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        self.release_finished()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        deadline = (
+            time.monotonic() + 30.0
+        )  # bounded: the trials are over, their controllers end within seconds
+        while self.pending and time.monotonic() < deadline:
+            self.release_finished()
+            if self.pending:
+                time.sleep(0.2)
+        for trial_id in list(self.pending):
+            self.release(trial_id)
+
+    def release_finished(self) -> None:
+        now = time.monotonic()
+        for trial_id, give_up_at in list(self.pending.items()):
+            if now >= give_up_at or not controller_alive(self.controllers.get(trial_id)):
+                self.release(trial_id)
 
     def release(self, trial_id: str) -> None:
         from ray._raylet import PlacementGroupID
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+        self.pending.pop(trial_id, None)
+        self.controllers.pop(trial_id, None)
         for group in self.groups.pop(trial_id, ()):
             try:
                 remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
             except Exception as err:  # already removed by Ray Train: nothing held
                 log.debug("placement group %s of trial %s: %s", group, trial_id, err)
+
+
+def controller_alive(actor_id: str | None) -> bool:
+    """Whether a Train controller still lives, from the GCS actor table (no dashboard needed)."""
+    if not actor_id:
+        return False
+    try:
+        from ray._private.state import actors
+
+        return actors(actor_id=actor_id).get("State") not in ("DEAD", None)
+    except Exception:  # the table cannot say: treat it as gone (the group is what holds the CPUs)
+        return False
 
 
 def build_search(plan: TrialPlan):
@@ -242,7 +286,8 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
         for result in grid:
             params = dict(result.config or {})
             metrics = dict(result.metrics or {})
-            metrics.pop(PLACEMENT_GROUP_KEY, None)
+            for key in RUN_IDENTITY_KEYS:
+                metrics.pop(key, None)
             trial_id = trial_ids.get(result.path) or metrics["trial_id"]
             records.append(
                 TrialRecord(
