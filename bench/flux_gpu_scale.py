@@ -106,8 +106,7 @@ def build_transformer(mode: str, cfg: dict, device, dtype, args, parallel):
 def measure_mode(mode: str, args, dist, device, dtype) -> dict:
     import gpu_flux as base  # bench/gpu_flux.py: the same models, reward and constants
     import torch
-    from diffusers import AutoencoderKL, FluxPipeline
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from diffusers import FluxPipeline
 
     from leapalign.methods.leapalign import hinge_loss, rollout_with_leaps, similarity_weight
     from leapalign.models.flux import FluxPolicy, PromptEmbeds
@@ -130,14 +129,7 @@ def measure_mode(mode: str, args, dist, device, dtype) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     transformer, grad_module, params = build_transformer(mode, transformer_cfg, device, dtype, args, parallel)
-    with torch.device(device):
-        vae = AutoencoderKL(**vae_cfg).to(dtype)
-        tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**tower_cfg)).to(dtype)
-    for module in (vae, tower):
-        module.requires_grad_(False)
-        module.eval()
-    vae.enable_gradient_checkpointing()
-    tower.activation_checkpointing_enable()
+    vae, tower = base.frozen_decoder_and_tower(vae_cfg, tower_cfg, device, dtype)
     policy = FluxPolicy(base.FluxPieces(transformer, vae), device, torch.bfloat16 if cuda else None)
     policy.grad_module = grad_module
     optimizer = torch.optim.AdamW(params, lr=1e-5)

@@ -111,6 +111,21 @@ class TowerSimilarity:
         return torch.nn.functional.cosine_similarity(embeds.float(), self.target.float())  # [B]
 
 
+def frozen_decoder_and_tower(vae_cfg: dict, tower_cfg: dict, device, dtype, vae_checkpointing: bool = True):
+    """The frozen, random-weight VAE and reward tower every bench decodes and scores with, checkpointed
+    as training runs them (the VAE decode under the reward gradient, the tower's layers)."""
+    with torch.device(device):
+        vae = AutoencoderKL(**vae_cfg).to(dtype)
+        tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**tower_cfg)).to(dtype)
+    for module in (vae, tower):
+        module.requires_grad_(False)
+        module.eval()
+    if vae_checkpointing:
+        vae.enable_gradient_checkpointing()
+    tower.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
+    return vae, tower
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -247,14 +262,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.device(device):
         transformer = FluxTransformer2DModel(**transformer_cfg).to(dtype)
-        vae = AutoencoderKL(**vae_cfg).to(dtype)
-        tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**tower_cfg)).to(dtype)
-    for module in (vae, tower):
-        module.requires_grad_(False)
-        module.eval()
-    if not args.no_vae_checkpointing:
-        vae.enable_gradient_checkpointing()
-    tower.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
+    vae, tower = frozen_decoder_and_tower(vae_cfg, tower_cfg, device, dtype, not args.no_vae_checkpointing)
     finetune = FinetuneConfig(
         mode="lora", lora_rank=args.rank, lora_alpha=args.rank, gradient_checkpointing=True
     )

@@ -48,7 +48,7 @@ def method_overrides(method: str) -> dict:
 def build(job: dict):
     """(policy, params, optimizer, reward_fn, cfg) for one child."""
     import torch
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from leapalign.config import Config, with_overrides
     from leapalign.models.flux import FluxPolicy, PromptEmbeds
@@ -93,15 +93,7 @@ def build(job: dict):
     torch.manual_seed(0)
     with torch.device(device):
         transformer = FluxTransformer2DModel(**transformer_cfg).to(dtype)
-        vae = AutoencoderKL(**vae_cfg).to(dtype)
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**tower_cfg)).to(dtype)
-    for module in (vae, tower):
-        module.requires_grad_(False)
-        module.eval()
-    vae.enable_gradient_checkpointing()
-    tower.activation_checkpointing_enable()
+    vae, tower = gpu_flux.frozen_decoder_and_tower(vae_cfg, tower_cfg, device, dtype)
     params = apply_finetune(transformer, cfg.finetune)
 
     class BenchPolicy(FluxPolicy):
