@@ -111,6 +111,23 @@ def score_images(
     return metrics
 
 
+class EvalSchedule:
+    """When held-out evaluation is due: every eval.every updates, or whenever the cumulative compute
+    crosses a multiple of eval.every_nfe. Kept on every rank (the same decisions everywhere: Ray Train
+    reports at evaluation steps are collectives), part of a checkpoint through `last_nfe_mark`."""
+
+    def __init__(self, every: int, every_nfe: int):
+        self.every, self.every_nfe = every, every_nfe
+        self.last_nfe_mark = 0
+
+    def due(self, step: int, nfe_total: int) -> bool:
+        by_steps = self.every > 0 and step % self.every == 0
+        by_nfe = self.every_nfe > 0 and nfe_total // self.every_nfe > self.last_nfe_mark
+        if by_nfe:
+            self.last_nfe_mark = nfe_total // self.every_nfe
+        return by_steps or by_nfe
+
+
 class HeldOutEvaluator:
     """Evaluation during training: the first eval.every_num_prompts held-out prompts, fixed noise."""
 
@@ -120,16 +137,6 @@ class HeldOutEvaluator:
         self.prompts = load_eval_prompts(cfg.eval.prompts, cfg.eval.every_num_prompts)
         self.world = is_world_prompt_set(self.prompts)
         self.rewards = {cfg.reward.name: reward_fn} if cfg.eval.reward and reward_fn is not None else {}
-        self.last_nfe_mark = 0
-
-    def due(self, step: int, nfe_total: int) -> bool:
-        """Every eval.every updates, or when the compute crosses a multiple of eval.every_nfe."""
-        every, every_nfe = self.cfg.eval.every, self.cfg.eval.every_nfe
-        by_steps = every > 0 and step % every == 0
-        by_nfe = every_nfe > 0 and nfe_total // every_nfe > self.last_nfe_mark
-        if by_nfe:
-            self.last_nfe_mark = nfe_total // every_nfe
-        return by_steps or by_nfe
 
     def __call__(self, policy: FluxPolicy) -> dict[str, float]:
         images, prompts = sample_images(policy, self.cfg, self.prompts, desc="held-out eval", progress=False)

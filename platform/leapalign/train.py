@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from leapalign.config import Config
+from leapalign.logs import run_log_file
 from leapalign.rewards.base import RewardFn
 from leapalign.tracking import Tracker
 from leapalign.training import (
@@ -62,23 +63,24 @@ def train(
         device=device,
         progress=progress,
     )
-    run.begin(resume_from)
-    # A local run (no Ray hook) stops cleanly on Ctrl-C: the current step ends and is checkpointed.
-    with finish_step_on_interrupt(run) if on_step_end is None else nullcontext():
-        if cfg.method.name == "grpo":
-            from leapalign.recipes.grpo import train_grpo
+    with run_log_file(run.out_dir if run.dist.is_main else None):  # OUTPUT/train.log, rank 0
+        run.begin(resume_from)
+        # A local run (no Ray hook) stops cleanly on Ctrl-C: the current step ends and is checkpointed.
+        with finish_step_on_interrupt(run) if on_step_end is None else nullcontext():
+            if cfg.method.name == "grpo":
+                from leapalign.recipes.grpo import train_grpo
 
-            train_grpo(run)
-        else:
-            from leapalign.recipes.direct import train_direct
+                train_grpo(run)
+            else:
+                from leapalign.recipes.direct import train_direct
 
-            train_direct(run)
-    if run.stop_requested:
-        run.bar.close()
-        raise KeyboardInterrupt(
-            f"stopped after step {run.stopped_at_step} (checkpoint written); continue with train.resume=true"
-        )
-    return run.finish()
+                train_direct(run)
+        if run.stop_requested:
+            run.bar.close()
+            raise KeyboardInterrupt(
+                f"stopped after step {run.stopped_at_step} (checkpoint written); continue with train.resume=true"
+            )
+        return run.finish()
 
 
 @contextmanager

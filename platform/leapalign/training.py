@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -30,16 +31,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from leapalign.compute import ComputeMeter, PhaseTimer
 from leapalign.config import Config, FinetuneConfig, flatten_config, save_config
 from leapalign.data import load_prompts
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
+from leapalign.logs import RUN_LOG, STEP_LOG
 from leapalign.methods.common import StepRandomness
 from leapalign.models.flux import FluxPolicy
 from leapalign.parallel import Parallel, is_dcp_checkpoint, load_state, resolve_strategy, save_state
+from leapalign.progress import ProgressScale, make_bar, show_step
 from leapalign.rewards.base import RewardFn
 from leapalign.tracking import RUN_RECORD, NullTracker, Tracker
 
@@ -50,6 +52,7 @@ CHECKPOINT_DIR = "checkpoints"  # local runs: OUTPUT/checkpoints/step_000050.pt
 RUN_FILES = (
     "config.yaml", "metrics.jsonl", RUN_RECORD, CHECKPOINT_DIR, "lora", "lora_ema", "transformer",
     "transformer_ema", "samples_before.png", "samples_after.png", "eval.json", "eval_before_after.png",
+    RUN_LOG,
 )  # fmt: skip
 
 
@@ -290,12 +293,10 @@ class LocalCheckpoints:
     def __init__(self, out_dir: Path, every: int, keep: int):
         self.folder, self.every, self.keep = out_dir / CHECKPOINT_DIR, every, keep
 
-    def __call__(
-        self, step: int, metrics: dict[str, float], save: Callable[[Path], None], final: bool
-    ) -> None:
-        if step % self.every and not final:
+    def __call__(self, end: StepEnd) -> None:
+        if end.step % self.every and not end.final:
             return
-        save(self.folder / f"step_{step:06d}.pt")
+        end.save(self.folder / f"step_{end.step:06d}.pt")
         for old in sorted(self.folder.glob("step_*.pt"))[: -self.keep]:
             old.unlink()
 
@@ -366,6 +367,14 @@ def to_floats(metrics: dict[str, float | Tensor]) -> dict[str, float]:
     return out
 
 
+def step_line(step: int, iterations: int, metrics: dict[str, float]) -> str:
+    """`step 12/200 loss 1.2345 reward/mean 0.1234 grad_norm 3.2100 nfe_total 2,400`: the run log's line."""
+    shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "reward/mean", "grad_norm") if k in metrics)
+    held_out = f"eval/overall {metrics['eval/overall']:.4f}" if "eval/overall" in metrics else ""
+    nfe = f"nfe_total {metrics.get('compute/nfe_total', 0.0):,.0f}"
+    return " ".join(part for part in (f"step {step}/{iterations}", shown or "skipped", held_out, nfe) if part)
+
+
 def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     keys = dict.fromkeys(k for r in records for k in r)
     return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
@@ -374,9 +383,20 @@ def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the shared run state
 
 
-# on_step_end(step, metrics, save, final): called on every rank after every update; `save(path)` writes
-# this rank's checkpoint. Ray's hook reports checkpoints to Ray; local runs use LocalCheckpoints.
-StepHook = Callable[[int, dict[str, float], Callable[[Path], None], bool], None]
+@dataclass
+class StepEnd:
+    """What a step hook hears after every update, on every rank (the same step, final and evaluated
+    everywhere: Ray's hook turns them into collective reports)."""
+
+    step: int  # updates done (1-based)
+    metrics: dict[str, float]  # the step's metrics (means over ranks; held-out ones where evaluated)
+    save: Callable[[Path], None]  # writes this rank's checkpoint to a path
+    final: bool  # the run's last step (iterations, compute budget or Ctrl-C)
+    evaluated: bool  # held-out evaluation ran at this step
+
+
+# on_step_end(StepEnd): Ray's hook reports metrics and checkpoints to Ray; local runs use LocalCheckpoints.
+StepHook = Callable[[StepEnd], None]
 
 
 @dataclass
@@ -400,7 +420,7 @@ class TrainingRun:
         on_step_end: StepHook | None,
         progress: bool,
     ):
-        from leapalign.evaluation import HeldOutEvaluator
+        from leapalign.evaluation import EvalSchedule, HeldOutEvaluator
 
         self.cfg, self.reward_fn, self.tracker, self.dist = cfg, reward_fn, tracker, dist
         self.out_dir = Path(cfg.train.output_dir)
@@ -440,7 +460,11 @@ class TrainingRun:
         self.policy.meter = self.meter
         self.timer = PhaseTimer(self.policy.device)
         self.grid_prompts = prompts[: cfg.train.num_samples]
-        # Sharded weights: every rank takes part in the evaluation's forwards (rank 0 logs).
+        # When to evaluate: decided alike on every rank. Sharded weights: every rank takes part in the
+        # evaluation's forwards (rank 0 logs); otherwise rank 0 evaluates alone.
+        self.eval_schedule = (
+            EvalSchedule(cfg.eval.every, cfg.eval.every_nfe) if cfg.eval.during_training else None
+        )
         self.evaluator = (
             HeldOutEvaluator(cfg, reward_fn)
             if cfg.eval.during_training and (dist.is_main or self.parallel.sharded)
@@ -453,6 +477,8 @@ class TrainingRun:
         self.start_step = 0
         self.nfe_total = 0
         self.time_total = 0.0
+        self.wall_before = 0.0  # wall seconds of the run before this process (a resumed run's earlier part)
+        self.wall_start = time.perf_counter()
         self.result = TrainResult(output_dir=self.out_dir, run_id=getattr(tracker, "run_id", None))
         self.extra_state: dict[str, Any] = {}  # a recipe's own state to checkpoint (e.g. GRPO's nothing yet)
         self.stop_requested = False  # set by a Ctrl-C in a local run (train.finish_step_on_interrupt)
@@ -478,7 +504,8 @@ class TrainingRun:
             "randomness": self.rng.state_dict(),
             "nfe_total": self.nfe_total,
             "time_total": self.time_total,
-            "eval_nfe_mark": self.evaluator.last_nfe_mark if self.evaluator else 0,
+            "wall_total": self.wall_seconds(),
+            "eval_nfe_mark": self.eval_schedule.last_nfe_mark if self.eval_schedule else 0,
             "extra": self.extra_state,
             "world_size": self.dist.world_size,
             "global_batch": self.cfg.train.batch_size * self.dist.world_size,
@@ -522,8 +549,9 @@ class TrainingRun:
         self.start_step = int(state["step"])
         self.nfe_total = int(state["nfe_total"])
         self.time_total = float(state["time_total"])
-        if self.evaluator is not None:
-            self.evaluator.last_nfe_mark = int(state["eval_nfe_mark"])
+        self.wall_before = float(state.get("wall_total", self.time_total))
+        if self.eval_schedule is not None:
+            self.eval_schedule.last_nfe_mark = int(state["eval_nfe_mark"])
         self.extra_state = dict(state["extra"])
         log.info("resumed from %s at step %d", path, self.start_step)
 
@@ -531,6 +559,7 @@ class TrainingRun:
 
     def begin(self, resume_from: Path | None) -> None:
         """Restore a checkpoint (if any), write the run folder's config and first grid; sets `steps`."""
+        self.wall_start = time.perf_counter()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         cfg, dist = self.cfg, self.dist
@@ -553,11 +582,12 @@ class TrainingRun:
                     self.log_step(0, before_eval)
             else:
                 trim_metrics_log(self.out_dir / "metrics.jsonl", self.start_step)
-        self.bar = tqdm(
-            total=cfg.train.iterations,
-            initial=self.start_step,
-            desc=cfg.method.name,
+        self.scale = ProgressScale.of(cfg)
+        self.bar = make_bar(
+            self.scale,
+            cfg.method.name,
             disable=not (self.progress and dist.is_main),
+            initial=self.scale.position(self.start_step, self.nfe_total),
         )
         self.steps = range(self.start_step, cfg.train.iterations)
 
@@ -605,9 +635,9 @@ class TrainingRun:
         done = step + 1 >= cfg.train.iterations or (0 < cfg.train.max_nfe <= self.nfe_total)
         if self.stop_requested:  # Ctrl-C in a local run: this step is the last, and it is checkpointed
             done, self.stopped_at_step = True, step + 1
-        held_out = {}
-        if self.evaluator is not None and (self.evaluator.due(step + 1, self.nfe_total) or done):
-            held_out = self.evaluate()  # inside the step's time (phase "eval")
+        schedule = self.eval_schedule
+        evaluated = schedule is not None and (schedule.due(step + 1, self.nfe_total) or done)
+        held_out = self.evaluate() if evaluated and self.evaluator is not None else {}  # phase "eval"
         step_time = sum(self.timer.seconds.values())
         self.time_total += step_time
         metrics = {
@@ -615,6 +645,7 @@ class TrainingRun:
             **self.timer.metrics(),
             "time/step_s": step_time,
             "time/total_s": self.time_total,
+            "time/wall_s": self.wall_seconds(),
             "compute/nfe": float(nfe),
             "compute/nfe_total": float(self.nfe_total),
             **held_out,
@@ -623,14 +654,25 @@ class TrainingRun:
         grid_due = cfg.train.sample_every and (step + 1) % cfg.train.sample_every == 0
         images = self.sample_grid_images() if grid_due and (dist.is_main or self.parallel.sharded) else None
         if dist.is_main:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "reward/mean") if k in metrics})
+            show_step(self.bar, self.scale, step + 1, metrics)
+            STEP_LOG.info(step_line(step + 1, cfg.train.iterations, metrics))
             self.log_step(step + 1, metrics, force=done)
             if images is not None:
                 path = self.out_dir / f"samples_step{step + 1:05d}.png"
                 self.tracker.log_artifact(save_grid(make_grid([images], self.grid_prompts), path), "samples")
-        self.on_step_end(step + 1, metrics, lambda path: self.save_checkpoint(path, step + 1), done)
+
+        def save(path: Path) -> None:
+            # Every step up to the checkpoint is in MLflow before the checkpoint exists: a restart from it
+            # replays only later steps, which ResumableTracker then logs once.
+            self.tracker.flush()
+            self.save_checkpoint(path, step + 1)
+
+        self.on_step_end(StepEnd(step + 1, metrics, save, done, evaluated))
         return done
+
+    def wall_seconds(self) -> float:
+        """Wall seconds since the run started (its first start; a resumed run adds its earlier part)."""
+        return self.wall_before + time.perf_counter() - self.wall_start
 
     def log_step(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
         metrics = {**metrics, "compute/nfe_total": float(self.nfe_total)}  # the x-axis of compute curves

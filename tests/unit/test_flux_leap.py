@@ -85,8 +85,8 @@ class FlakyReward:
 def test_nan_reward_skips_step_and_leaves_weights_untouched(tiny_flux_dir, tmp_path, caplog):
     cfg = load_config(TINY_CONFIG, tiny_overrides(tiny_flux_dir, tmp_path / "run", **{"train.iterations": 3}))
 
-    def checkpoint_every_step(step, metrics, save, final):
-        save(tmp_path / f"step{step}.pt")
+    def checkpoint_every_step(end):
+        end.save(tmp_path / f"step{end.step}.pt")
 
     with caplog.at_level(logging.WARNING, logger="leapalign"):
         result = train(

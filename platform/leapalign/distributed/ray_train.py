@@ -29,7 +29,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from leapalign.config import Config, with_overrides
 from leapalign.data import load_prompts
+from leapalign.distributed.progress import ForwardWarnings, RunProgress, follow, step_headline
 from leapalign.distributed.reward_service import (
     absolute_reward_paths,
     check_reward_config,
@@ -61,7 +61,7 @@ from leapalign.tracking import (
     open_tracker,
 )
 from leapalign.train import train
-from leapalign.training import StepHook, TorchDistContext, check_output_dir, clear_output_dir
+from leapalign.training import StepEnd, StepHook, TorchDistContext, check_output_dir, clear_output_dir
 
 log = logging.getLogger("leapalign")
 
@@ -98,12 +98,17 @@ class RayRunResult:
 
 
 def run_on_ray(
-    cfg: Config, *, callbacks: list | None = None, parent_run_id: str | None = None
+    cfg: Config,
+    *,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    show_progress: bool = True,
 ) -> RayRunResult:
     """Train on Ray workers. User errors (ValueError, PermissionError, ...) are raised before any work.
 
     callbacks: Ray Train callbacks (a Tune trial passes TuneReportCallback); parent_run_id: nest this run's
-    MLflow run under a sweep's or comparison's parent run.
+    MLflow run under a sweep's or comparison's parent run; show_progress: the driver draws the run's bar
+    and prints the workers' warnings (a sweep's trials draw none: the sweep has its own bar).
     """
     cfg = absolute_paths(cfg)
     check_inputs(cfg)
@@ -136,9 +141,10 @@ def run_on_ray(
             clear_output_dir(cfg)
         tracker = open_tracker(cfg, record, parent_run_id=parent_run_id)
         storage.write_record({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri})
+        progress = RunProgress.remote() if show_progress else None
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"cfg": cfg, "run_id": tracker.run_id},
+            train_loop_config={"cfg": cfg, "run_id": tracker.run_id, "progress": progress},
             # CPU tensors (the all-ranks-step vote) go through gloo, CUDA gradients through NCCL.
             torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if cfg.ray.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
@@ -157,7 +163,8 @@ def run_on_ray(
             ),
         )
         try:
-            result = trainer.fit()
+            with follow(cfg, progress, cfg.method.name) if progress is not None else nullcontext():
+                result = trainer.fit()
         except ray.train.TrainingFailedError as err:
             raise_user_error(err)
             raise
@@ -287,6 +294,7 @@ def connect_ray(cfg: Config) -> bool:
     """
     if ray.is_initialized():
         return False
+    quiet_ray_console()
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         import ray._private.ray_constants as ray_constants
 
@@ -298,11 +306,41 @@ def connect_ray(cfg: Config) -> bool:
         # The dashboard (127.0.0.1 only) serves the State API that Train V2's placement-group cleaner polls;
         # without it the cleaner logs a warning every few seconds.
         ray.init(
-            address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+            address="local",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            log_to_driver=False,
         )
     else:
-        ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+        ray.init(address=cfg.ray.address, logging_level=logging.WARNING, log_to_driver=False)
+    quiet_ray_console()
     return True
+
+
+# Console lines of Ray's that a user of this command cannot act on; they stay in Ray's log files.
+RAY_NOISE = (
+    "Token authentication is enabled for this Ray cluster",  # our private cluster sets it up itself
+    "Started Serve in namespace",
+    "Connecting to existing Serve app",
+)
+
+
+class _DropRayNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in RAY_NOISE)
+
+
+def quiet_ray_console() -> None:
+    """The driver's console: our bar, our warnings, the results. Workers' output is not streamed
+    (log_to_driver=False: it is in Ray's session logs and the run's train.log; our warnings reach the
+    driver as notes, leapalign.distributed.progress); Ray's own driver-side chatter is filtered here."""
+    noise = _DropRayNoise()
+    for name in ("ray", "ray.serve"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(noise)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def check_cluster(cfg: Config, private: bool) -> None:
@@ -359,6 +397,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker = ResumableTracker(
             MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=loop_config["run_id"])
         )
+    progress = loop_config.get("progress")
+    if rank == 0 and progress is not None:  # our warnings reach the driver's console (no log streaming)
+        logging.getLogger("leapalign").addHandler(ForwardWarnings(progress, rank))
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as checkpoint_dir:
         resume_from = None
@@ -373,7 +414,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker=tracker,
             dist=dist,
             resume_from=resume_from,
-            on_step_end=checkpoint_hook(cfg, dist, tracker, worker_nodes, run_identity()),
+            on_step_end=checkpoint_hook(cfg, dist, worker_nodes, run_identity(), progress),
             device=str(get_device()),
             progress=False,
         )
@@ -403,39 +444,46 @@ def run_identity() -> dict[str, str]:
 def checkpoint_hook(
     cfg: Config,
     dist: TorchDistContext,
-    tracker: Tracker,
     worker_nodes: list[str | None],
     identity: dict[str, str] | None = None,
+    progress=None,
 ) -> StepHook:
-    """train()'s on_step_end: progress line, metrics to Ray every step, a checkpoint every checkpoint_every.
+    """train()'s on_step_end: rank 0's step to the driver's bar every step; reports to Ray only where they
+    matter: at checkpoints (every train.checkpoint_every steps and the last), at held-out evaluations (what
+    a Tune scheduler ranks), and at the first step this worker group runs (the run's identity, below).
 
-    ray.train.report is a barrier in Train V2: every rank calls it at the same steps, each with its own
-    folder (its DCP shards; rank 0 also .metadata, train_state.pt, meta.json); Ray merges them into one
-    checkpoint_<step> folder in storage. Reporting every step (without a checkpoint in between) is what
-    lets a Tune scheduler see the held-out curve. Each report names the workers' placement group and
-    controller (RUN_IDENTITY_KEYS), which a sweep releases itself when it stops the trial
-    (tune_runner.ReleaseStoppedWorkers).
+    ray.train.report costs a step: Train V2 keeps one unconsumed report per worker and its controller
+    polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), so reporting every step held each step until the
+    poll (measured: 1.55 s of a 2.0 s step on the quickstart). It is also a barrier: every rank calls it at
+    the same steps (StepEnd's fields are the same on every rank), each with its own folder (its DCP shards;
+    rank 0 also .metadata, train_state.pt, meta.json), merged by Ray into one checkpoint_<step> folder.
+    Each report names the workers' placement group and controller (RUN_IDENTITY_KEYS), which a sweep
+    releases itself when it stops the trial (tune_runner.ReleaseStoppedWorkers).
     """
     tag = dict(identity or {})
+    first = True
 
-    def on_step_end(
-        step: int, metrics: dict[str, float], save_checkpoint: Callable[[Path], None], final: bool
-    ) -> None:
-        if dist.is_main:
-            shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "reward/mean") if k in metrics)
-            log.info("step %d/%d %s", step, cfg.train.iterations, shown or "skipped")
-        if step % cfg.train.checkpoint_every and not final:
+    def on_step_end(end: StepEnd) -> None:
+        nonlocal first
+        step = end.step
+        if dist.is_main and progress is not None:
+            progress.update.remote(step, step_headline(end.metrics))  # fire-and-forget
+        checkpoint_due = step % cfg.train.checkpoint_every == 0 or end.final
+        report_due = checkpoint_due or end.evaluated or first
+        first = False
+        if not checkpoint_due:
             maybe_inject_fault(step, dist.rank)
-            ray.train.report({"step": step, **metrics, **tag})
+            if report_due:
+                ray.train.report({"step": step, **end.metrics, **tag})
             return
         with tempfile.TemporaryDirectory(prefix="leapalign-ckpt-", ignore_cleanup_errors=True) as tmp:
-            save_checkpoint(Path(tmp))  # DCP: every rank its shards (a collective)
+            end.save(Path(tmp))  # DCP: every rank its shards (a collective)
             if dist.is_main:
                 meta = {"step": step, "num_workers": dist.world_size, "worker_nodes": worker_nodes}
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta))
             maybe_inject_fault(step, dist.rank)
             ray.train.report(
-                {"step": step, **metrics, **tag},
+                {"step": step, **end.metrics, **tag},
                 checkpoint=Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{step:06d}",
             )

@@ -98,7 +98,7 @@ def trial_main(params: dict[str, Any], plan: TrialPlan, parent_run_id: str | Non
     # A trial restarted by a resumed experiment continues its own Train run (and its MLflow run).
     resume = RunStorage(storage_path, trial_id).read_record() is not None
     cfg = with_overrides(cfg, {"train.resume": resume, "train.overwrite": not resume})
-    run_on_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    run_on_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id, show_progress=False)
 
 
 def per_trial_resources(cfg: Config) -> dict[str, float]:
@@ -194,6 +194,62 @@ def controller_alive(actor_id: str | None) -> bool:
         return False
 
 
+class TrialsBar(tune.Callback):
+    """The sweep's or comparison's console: one bar of finished trials, with how many run and wait.
+
+    Tune's own status tables are off (verbose=0); every trial's numbers are in MLflow and its run folder."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc = total, desc
+        self._bar = None
+        self.running: set[str] = set()
+        self.failed = 0
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune stores its callbacks with the experiment
+        return {**self.__dict__, "_bar": None}
+
+    @property
+    def bar(self):
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc=self.desc, unit="trial", dynamic_ncols=True)
+        return self._bar
+
+    def _show(self) -> None:
+        left = max(0, self.bar.total - self.bar.n - len(self.running))
+        postfix = {"running": len(self.running), "waiting": left}
+        if self.failed:
+            postfix["failed"] = self.failed
+        self.bar.set_postfix(postfix)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.running.add(trial.trial_id)
+        self._show()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if trial.trial_id in self.running:
+            self.running.discard(trial.trial_id)
+            self.bar.update(1)
+        self._show()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.failed += 1
+        self.on_trial_complete(iteration, trials, trial)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.bar.close()
+
+
+def count_trials(plan: TrialPlan) -> int:
+    """Trials Tune will run: every grid point num_samples times (random/optuna: num_samples draws)."""
+    points = 1
+    for domain in plan.param_space.values():
+        if isinstance(domain, dict) and "grid_search" in domain:
+            points *= len(domain["grid_search"])
+    return points * plan.num_samples
+
+
 def build_search(plan: TrialPlan):
     """(search_alg, scheduler) for the plan's searcher and scheduler names."""
     search_alg = None
@@ -276,8 +332,11 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
                     name="trials",
                     storage_path=str(tune_path),
                     failure_config=tune.FailureConfig(max_failures=0),
-                    callbacks=[ReleaseStoppedWorkers()],
-                    verbose=1,
+                    callbacks=[
+                        ReleaseStoppedWorkers(),
+                        TrialsBar(count_trials(plan), f"{plan.kind} {plan.name}"),
+                    ],
+                    verbose=0,
                 ),
             )
         grid = tuner.fit()
