@@ -29,7 +29,9 @@ first suspects.
 
 No FluxPipeline and no text encoders are built: `FluxPieces` gives FluxPolicy the few attributes
 it reads from a pipeline. `--no-vae-checkpointing` measures the decode as train.setup_policy runs it
-today (it does not enable checkpointing in the VAE), which the anchor never does.
+today (it does not enable checkpointing in the VAE), which the anchor never does. `--compile` runs the
+no-grad forwards through torch.compile as `sampler.compile` does (the warm-up call carries the compile):
+run the same command with and without it for the compiled-vs-eager rows (`--only fwd rollout leap`).
 """
 
 from __future__ import annotations
@@ -238,6 +240,11 @@ def main() -> None:
         "--only", nargs="+", default=["leap"], choices=["fwd", "rollout", "leap", "refl", "full"]
     )
     parser.add_argument("--no-vae-checkpointing", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="sampler.compile: the no-grad forwards (rollout, fwd rows) through torch.compile",
+    )
     parser.add_argument("--json", type=str, default=None, help="also write all rows to this file")
     args = parser.parse_args()
     if args.steps < 6:
@@ -270,6 +277,8 @@ def main() -> None:
     policy = FluxPolicy(
         FluxPieces(transformer, vae), device, torch.bfloat16 if device.type == "cuda" else None
     )
+    if args.compile:
+        policy.compile_no_grad_calls()  # as sampler.compile=true: the first call of each test compiles
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     reward_fn = TowerSimilarity(tower, torch.randn(1, tower_cfg["projection_dim"], device=device))
     print(
@@ -281,6 +290,7 @@ def main() -> None:
                 lora_params=sum(p.numel() for p in params),
                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 vae_checkpointing=not args.no_vae_checkpointing,
+                compiled=args.compile,
             )
         ),
         flush=True,

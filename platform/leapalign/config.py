@@ -47,6 +47,12 @@ class ModelConfig:
         )
 
 
+def compile_enabled(setting: bool | str, device_type: str) -> bool:
+    """sampler.compile resolved for a device: auto compiles on CUDA, where the compile (tens of seconds)
+    is soon repaid; on CPU a cold compile costs about as much as it saves in a short run (bench/README.md)."""
+    return setting is True or (setting == "auto" and device_type == "cuda")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     num_steps: int = 25  # Euler ODE steps of the training rollout (paper: 25); >= 2
@@ -54,8 +60,15 @@ class SamplerConfig:
     height: int = 720  # pixels; a multiple of 16
     width: int = 720  # pixels; a multiple of 16
     guidance_scale: float = 3.5  # Flux guidance embedding (distilled CFG); >= 0
+    compile: bool | str = (
+        "auto"  # torch.compile the no-grad forwards (rollouts, eval): auto (CUDA) | true | false
+    )
 
     def __post_init__(self) -> None:
+        _check(
+            isinstance(self.compile, bool) or self.compile == "auto",
+            f"sampler.compile={self.compile!r}: use auto (on with CUDA, off on CPU), true or false",
+        )
         _check(
             self.num_steps >= 2,
             f"sampler.num_steps={self.num_steps}: LeapAlign needs two steps k < j, use >= 2",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from leapalign.config import Config
+from leapalign.config import Config, compile_enabled
 from leapalign.data import load_prompts
 from leapalign.models.flux import FluxPolicy
 from leapalign.rewards.base import RewardFn, build_reward, check_rewards
@@ -196,6 +196,8 @@ def load_policy(cfg: Config, weights: str | Path = "base", device: str | None = 
         transformer = FluxTransformer2DModel.from_pretrained(str(folder), dtype=policy.transformer.dtype)
         policy.pipe.transformer = transformer.to(policy.device)
         policy.transformer = policy.pipe.transformer
+    if compile_enabled(cfg.sampler.compile, policy.device.type):
+        policy.compile_no_grad_calls()
     return policy
 
 

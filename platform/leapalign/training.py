@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from leapalign.compute import ComputeMeter, PhaseTimer
-from leapalign.config import Config, FinetuneConfig, flatten_config, save_config
+from leapalign.config import Config, FinetuneConfig, compile_enabled, flatten_config, save_config
 from leapalign.data import load_prompts
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
@@ -139,6 +139,8 @@ def setup_policy(cfg: Config, device: str | None = None) -> FluxPolicy:
     )
     policy.check_resolution(cfg.sampler.height, cfg.sampler.width)
     apply_finetune(policy.transformer, cfg.finetune)
+    if compile_enabled(cfg.sampler.compile, device_obj.type):
+        policy.compile_no_grad_calls()
     return policy
 
 
@@ -439,6 +441,9 @@ class TrainingRun:
             strategy, world_size=dist.world_size, rank=dist.rank, cpu_offload=cfg.ray.cpu_offload
         )
         self.policy.grad_module = self.parallel.wrap(self.policy.transformer, self.policy.device)
+        if self.parallel.sharded and self.policy.compiled is not None:
+            log.info("sampler.compile: sharded (fsdp2) weights run their no-grad forwards eagerly")
+            self.policy.compiled = None
         # After wrapping: under FSDP2 the parameters are DTensors holding this rank's shard.
         named = [(n, p) for n, p in self.policy.transformer.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]

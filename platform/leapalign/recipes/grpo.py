@@ -85,7 +85,10 @@ def group_rollout(
     log_probs = torch.zeros(noise.shape[0], num_steps, dtype=torch.float32, device=noise.device)
     latents[0] = noise
     for part in chunks(noise.shape[0], opts.micro_batch):
-        velocity_fn = policy.velocity_fn(cond.select(part), image_ids, cfg.sampler.guidance_scale)
+        # Eager like the update's recomputation: the rollout's log-probs must come from the same kernels.
+        velocity_fn = policy.velocity_fn(
+            cond.select(part), image_ids, cfg.sampler.guidance_scale, compiled=False
+        )
         x = noise[part]
         for t in range(num_steps):
             velocity = velocity_fn(x, sigmas[t])
@@ -144,9 +147,9 @@ def ppo_update(
             )
             if opts.kl_beta > 0:
                 with torch.no_grad(), reference_policy(policy):
-                    ref_velocity = policy.velocity_fn(cond, rollout.image_ids, cfg.sampler.guidance_scale)(
-                        x_t, sigmas[t]
-                    )
+                    ref_velocity = policy.velocity_fn(
+                        cond, rollout.image_ids, cfg.sampler.guidance_scale, compiled=False
+                    )(x_t, sigmas[t])
                 ref_mean = sde_step(
                     latents=x_t, velocity=ref_velocity, sigma=sigmas[t], sigma_next=sigmas[t + 1],
                     prev_sample=x_next, **sde_kwargs(cfg, sigmas),
