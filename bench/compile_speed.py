@@ -4,7 +4,7 @@
     .venv/bin/python bench/compile_speed.py --quick          # 1 round, 6 updates, 64 images (a smoke test)
 
 Every variant runs in a fresh process on experiments/quickstart.yaml in one process (ray.enabled=false,
-seed 0), rounds interleaved so that a busy machine slows every variant alike. Reported per variant: the
+seed 0, train.cpu_isa=native: compiled CPU code needs the machine's own kernels), rounds interleaved so that a busy machine slows every variant alike. Reported per variant: the
 median update (after 3 warm-up updates), the base model's evaluation of the held-out prompts (images/s), the
 first call's extra seconds (compile, with the inductor cache cold in round 1 and warm after), and the
 numbers: the first update's loss (before any optimizer step: later updates drift apart chaotically) and the
@@ -45,11 +45,14 @@ def worker(args: argparse.Namespace) -> None:
     quiet_libraries()
     overrides = [
         "ray.enabled=false", "tracking.enabled=false", "eval.prompts=null", f"train.torch_threads={args.threads}",
+        "train.cpu_isa=native",  # compiled CPU code needs the native kernels (leapalign.config.compile_enabled)
         f"sampler.compile={args.compile}", f"train.output_dir={args.out}/run",
     ]  # fmt: skip
     cfg = load_config(REPO / "experiments" / "quickstart.yaml", overrides)
     run = make_run(cfg, progress=False)
-    eval_cfg = load_config(REPO / "experiments" / "quickstart.yaml", [f"sampler.compile={args.compile}"])
+    eval_cfg = load_config(
+        REPO / "experiments" / "quickstart.yaml", [f"sampler.compile={args.compile}", "train.cpu_isa=native"]
+    )
     prompts = load_eval_prompts(eval_cfg.eval.prompts, args.eval_prompts)
     # 1. The base model's evaluation (no update yet); the first batch alone carries the compile.
     start = time.perf_counter()

@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every x86-64 CPU runs the same AVX2 kernels (train.cpu_isa=avx2, leapalign/numerics.py): pinned numbers hold
+# on AVX2 and AVX-512 machines alike. Read once per process, before torch runs a kernel: set them first.
+for _key, _value in {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}.items():
+    os.environ.setdefault(_key, _value)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from leapalign.config import Config
 
 from leapalign.logs import quiet_libraries
+from leapalign.numerics import use_cpu_isa
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
@@ -30,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from leapalign.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    use_cpu_isa(cfg.train.cpu_isa)  # before any kernel runs in this process
     quiet_libraries()
     if cfg.train.torch_threads:
         import torch
@@ -166,6 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"names the base model and the sampler settings)"
         )
     cfg = load_config(config, args.overrides)
+    use_cpu_isa(cfg.train.cpu_isa)
     quiet_libraries()
     if cfg.train.torch_threads:
         import torch

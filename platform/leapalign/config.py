@@ -47,10 +47,19 @@ class ModelConfig:
         )
 
 
-def compile_enabled(setting: bool | str, device_type: str) -> bool:
+def compile_enabled(setting: bool | str, device_type: str, cpu_isa: str = "native") -> bool:
     """sampler.compile resolved for a device: auto compiles on CUDA, where the compile (tens of seconds)
-    is soon repaid; on CPU a cold compile costs about as much as it saves in a short run (bench/README.md)."""
-    return setting is True or (setting == "auto" and device_type == "cuda")
+    is soon repaid; on CPU a cold compile costs about as much as it saves in a short run (bench/README.md).
+
+    On CPU with train.cpu_isa=avx2 it is an error: torch 2.13's inductor, asked for AVX2 code by
+    ATEN_CPU_CAPABILITY=avx2, returned NaN images on the tiny Flux (tests/unit/test_compile.py)."""
+    enabled = setting is True or (setting == "auto" and device_type == "cuda")
+    if enabled and device_type == "cpu" and cpu_isa != "native":
+        raise ConfigError(
+            f"sampler.compile=true on CPU needs train.cpu_isa=native (got {cpu_isa}): torch's inductor gave NaN "
+            f"with AVX2 kernels; compile with native kernels, or keep the portable numbers without compile"
+        )
+    return enabled
 
 
 @dataclass(frozen=True)
@@ -422,8 +431,9 @@ class TrainConfig:
     batch_size: int = 4  # prompts per micro-batch (GRPO: prompts per rollout, x group_size images); >= 1
     grad_accum: int = 1  # micro-batches per optimizer step (direct-gradient methods); >= 1
     max_nfe: int = (
-        0  # compute budget: stop once the run has used this many image forward-equivalents; 0 = no cap
+        0  # compute budget in transformer image forward-equivalents (compute/nfe_total); 0 = no cap
     )
+    max_flops: float = 0.0  # compute budget in FLOPs of the whole update (compute/flops_total); 0 = no cap
     seed: int = 0  # seeds noise, prompt order and the methods' step draws; same seed -> same numbers
     prompts: str = "assets/prompts/demo.txt"  # .txt (one per line) or .parquet with a `prompt` column
     output_dir: str = "outputs/run"  # where config, weights, grids, local checkpoints go; created if missing
@@ -436,13 +446,27 @@ class TrainConfig:
     sample_every: int = 0  # save a sample grid every N steps; 0 = only before and after
     num_samples: int = 4  # prompts in each sample grid; >= 1
     log_every: int = 1  # log metrics every N steps; >= 1
-    torch_threads: int = 0  # torch CPU threads per process; 0 keeps torch's default (1 avoids oversubscription on shared cores)
+    torch_threads: int = (
+        0  # torch CPU threads per process; 0 = torch's default (the core count: machine-dependent numbers)
+    )
+    cpu_isa: str = (
+        "native"  # CPU kernels: native | avx2 (the same numbers on every x86-64 CPU; leapalign.numerics)
+    )
 
     def __post_init__(self) -> None:
         _check(self.iterations >= 1, f"train.iterations={self.iterations}: use >= 1")
+        _check(self.seed >= 0, f"train.seed={self.seed}: use an integer >= 0")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size}: use >= 1")
         _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum}: use >= 1")
         _check(self.max_nfe >= 0, f"train.max_nfe={self.max_nfe}: use >= 0 (0 = no compute cap)")
+        _check(
+            math.isfinite(self.max_flops) and self.max_flops >= 0,
+            f"train.max_flops={self.max_flops}: use a number >= 0 (e.g. 2.5e12; 0 = no compute cap)",
+        )
+        _check(
+            not (self.max_nfe and self.max_flops),
+            "train.max_nfe and train.max_flops are two budgets for one run: set one (the other 0)",
+        )
         _check(
             not (self.overwrite and self.resume),
             "train.overwrite and train.resume exclude each other: pick one",
@@ -456,6 +480,10 @@ class TrainConfig:
             self.torch_threads >= 0, f"train.torch_threads={self.torch_threads}: use >= 0 (0 = torch default)"
         )
         _check(bool(self.prompts), "train.prompts is empty: give a .txt or .parquet prompt file")
+        _check(
+            self.cpu_isa in ("native", "avx2"),
+            f"train.cpu_isa={self.cpu_isa!r}: use native (the CPU's best kernels) or avx2 (portable numbers)",
+        )
 
 
 @dataclass(frozen=True)
@@ -591,6 +619,16 @@ class Config:
 # ----------------------------------------------------------------------------- building and merging
 
 
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads 2.5e12 (no sign in the exponent) as a string: take it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a field annotation; ints widen to floats, lists become tuples."""
     origin = typing.get_origin(annotation)
@@ -625,6 +663,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         )
         return value
     if annotation is float:
+        value = _yaml_float(value)
         _check(
             isinstance(value, int | float) and not isinstance(value, bool),
             f"{key}={value!r}: expected a number",

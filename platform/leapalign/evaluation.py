@@ -1,8 +1,9 @@
 """Held-out evaluation with fixed noise: sample a prompt set, score it with the exact world evaluator
 (when every prompt is a miniature-world caption) and/or reward models.
 
-The noise depends only on EVAL_SEED and the batch index, never on train.seed or the method, so every
-run, seed and checkpoint is scored on the same starting noise: comparisons are paired. Used during
+The noise of an image depends only on EVAL_SEED, its prompt's position and its replicate (the "eval"
+stream, leapalign.streams), never on train.seed, the method or the batch: every run, seed and checkpoint
+is scored on the same starting noise, so comparisons are paired. Used during
 training (`eval.every`), before and after a run (`leapalign train` with `eval.prompts`), by
 `leapalign eval` and by `leapalign compare`.
 """
@@ -22,8 +23,7 @@ from leapalign.config import Config, compile_enabled
 from leapalign.data import load_prompts
 from leapalign.models.flux import FluxPolicy
 from leapalign.rewards.base import RewardFn, build_reward, check_rewards
-
-EVAL_SEED = 20_000  # evaluation noise: the same for every run, apart from training's seeds
+from leapalign.streams import EVAL_SEED, stream
 
 
 def load_eval_prompts(path: str, num_prompts: int) -> list[str]:
@@ -43,6 +43,31 @@ def is_world_prompt_set(prompts: Sequence[str]) -> bool:
     return True
 
 
+def noise_set(prompts_path: str | None) -> int:
+    """Which evaluation noise a prompt file gets: 1 for a validation split, 0 for everything else. The
+    world's validation and test splits share the few captions some categories have ("a red triangle"):
+    their images must still come from different noise, or tuning would see the test images."""
+    from leapalign.world.prompts import prompt_split
+
+    return 1 if prompts_path and prompt_split(prompts_path) == "validation" else 0
+
+
+def eval_latents(
+    policy: FluxPolicy, cfg: Config, indices: Sequence[int], replicate: int, noise: int = 0
+) -> Tensor:
+    """The fixed evaluation noise of prompts `indices` (positions in the prompt set), replicate r: [B, S, C].
+
+    Each image's noise is its own stream (EVAL_SEED, noise set, replicate, prompt index): the same for every
+    run, seed and method (paired comparisons), and whatever batch it is sampled in."""
+    height, width = cfg.sampler.height, cfg.sampler.width
+    return torch.cat(
+        [
+            policy.prepare_latents(1, height, width, stream(EVAL_SEED, "eval", noise, replicate, i))[0]
+            for i in indices
+        ]
+    )
+
+
 @torch.no_grad()
 def sample_images(
     policy: FluxPolicy,
@@ -52,23 +77,25 @@ def sample_images(
     images_per_prompt: int = 1,
     desc: str = "eval",
     progress: bool = True,
+    noise: int = 0,
 ) -> tuple[Tensor, list[str]]:
-    """Every prompt `images_per_prompt` times with fixed noise: images [P * R, 3, H, W] on CPU, and their prompts."""
+    """Every prompt `images_per_prompt` times with fixed noise: images [P * R, 3, H, W] on CPU (replicate-major:
+    all prompts once, then again), and their prompts. noise: the prompt file's noise set (`noise_set`)."""
     all_prompts, all_images = [], []
     batches = [
-        (r, list(prompts[i : i + cfg.eval.batch_size]))
+        (r, list(range(i, min(i + cfg.eval.batch_size, len(prompts)))))
         for r in range(images_per_prompt)
         for i in range(0, len(prompts), cfg.eval.batch_size)
     ]
-    for batch_index, (r, batch) in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        generator = torch.Generator().manual_seed(EVAL_SEED + 1000 * r + batch_index)
+    for r, indices in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch = [prompts[i] for i in indices]
         images = policy.generate(
             batch,
             num_steps=cfg.sampler.eval_num_steps,
             height=cfg.sampler.height,
             width=cfg.sampler.width,
             guidance_scale=cfg.sampler.guidance_scale,
-            generator=generator,
+            latents=eval_latents(policy, cfg, indices, r, noise),
             max_sequence_length=cfg.model.max_sequence_length,
         )
         all_images.append(images.cpu())
@@ -96,8 +123,12 @@ def score_images(
     *,
     world: bool,
     rewards: dict[str, RewardFn] | None = None,
+    per_image: dict[str, list] | None = None,
 ) -> dict[str, float]:
-    """Metrics without a prefix: overall / image_accuracy / <category> (world) and reward/<name> means."""
+    """Metrics without a prefix: overall / image_accuracy / <category> (world) and reward/<name> means.
+
+    per_image: a dict to fill with each image's results, in order: category and correct (world),
+    reward/<name> (what the paired statistics of a comparison resample, leapalign.stats)."""
     metrics: dict[str, float] = {}
     if world:
         from leapalign.world.evaluator import evaluate_batch
@@ -106,9 +137,28 @@ def score_images(
         metrics["overall"] = float(scores["overall"])
         metrics["image_accuracy"] = float(scores["image_accuracy"])
         metrics.update({cat: float(acc) for cat, acc in scores["per_category"].items()})
+        if per_image is not None:
+            per_image.update(category=scores["category"], correct=scores["correct"])
     for name, reward_fn in (rewards or {}).items():
-        metrics[f"reward/{name}"] = float(score_rewards(reward_fn, images, prompts).mean())
+        values = score_rewards(reward_fn, images, prompts)
+        metrics[f"reward/{name}"] = float(values.mean())
+        if per_image is not None:
+            per_image[f"reward/{name}"] = values.tolist()
     return metrics
+
+
+def write_image_results(path: Path, prompts: Sequence[str], per_image: dict[str, list]) -> Path:
+    """One Parquet row per held-out image: index (the prompt's position), prompt, and its results."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from leapalign.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {"index": list(range(len(prompts))), "prompt": list(prompts), **per_image}
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    return path
 
 
 class EvalSchedule:
@@ -139,8 +189,18 @@ class HeldOutEvaluator:
         self.rewards = {cfg.reward.name: reward_fn} if cfg.eval.reward and reward_fn is not None else {}
 
     def __call__(self, policy: FluxPolicy) -> dict[str, float]:
-        images, prompts = sample_images(policy, self.cfg, self.prompts, desc="held-out eval", progress=False)
-        metrics = score_images(images, prompts, world=self.world, rewards=self.rewards)
+        images, prompts = sample_images(
+            policy,
+            self.cfg,
+            self.prompts,
+            desc="held-out eval",
+            progress=False,
+            noise=noise_set(self.cfg.eval.prompts),
+        )
+        self.last_images: dict[str, list] = {}  # per image, for OUTPUT/heldout/step_<n>.parquet
+        metrics = score_images(
+            images, prompts, world=self.world, rewards=self.rewards, per_image=self.last_images
+        )
         return {f"eval/{key}": value for key, value in metrics.items()}
 
 
@@ -196,9 +256,26 @@ def load_policy(cfg: Config, weights: str | Path = "base", device: str | None = 
         transformer = FluxTransformer2DModel.from_pretrained(str(folder), dtype=policy.transformer.dtype)
         policy.pipe.transformer = transformer.to(policy.device)
         policy.transformer = policy.pipe.transformer
-    if compile_enabled(cfg.sampler.compile, policy.device.type):
+    if compile_enabled(cfg.sampler.compile, policy.device.type, cfg.train.cpu_isa):
         policy.compile_no_grad_calls()
     return policy
+
+
+def sample_report_grid(
+    cfg: Config, runs: Sequence[tuple[str, Path | None]], num_prompts: int = 8
+) -> tuple[list[tuple[str, Tensor]], list[str]] | None:
+    """A picture for a report: the same held-out prompts and noise for the base model and each run given
+    (its EMA weights when it has them): ([(row label, images)], prompts); None without eval.prompts."""
+    if not cfg.eval.prompts:
+        return None
+    prompts = load_eval_prompts(cfg.eval.prompts, num_prompts)
+    noise = noise_set(cfg.eval.prompts)
+    rows = [("base", sample_images(load_policy(cfg), cfg, prompts, progress=False, noise=noise)[0])]
+    for label, run_dir in runs:
+        if run_dir is not None and (Path(run_dir) / "config.yaml").is_file():
+            policy = load_policy(cfg, run_dir)
+            rows.append((label, sample_images(policy, cfg, prompts, progress=False, noise=noise)[0]))
+    return rows, prompts
 
 
 # ----------------------------------------------------------------------------- `leapalign eval`
@@ -262,8 +339,9 @@ def evaluate_weights(cfg: Config, plan: EvalPlan, out_dir: Path, tracker=None) -
 
     policy = load_policy(cfg, plan.weights)
     images, image_prompts = sample_images(
-        policy, cfg, plan.prompts, images_per_prompt=cfg.eval.images_per_prompt, desc="eval"
-    )
+        policy, cfg, plan.prompts, images_per_prompt=cfg.eval.images_per_prompt, desc="eval",
+        noise=noise_set(plan.prompts_path),
+    )  # fmt: skip
     columns: dict[str, list] = {
         "prompt": image_prompts,
         "image": [f"images/{i:05d}.png" for i in range(len(images))],

@@ -23,18 +23,26 @@ A compare spec:
 
     name: world_methods
     base: ../quickstart.yaml
-    overrides: {eval.every_nfe: 5000}
-    budget_nfe: 40000                   # every run stops once it has used this much compute
-    seeds: [0, 1, 2]
+    overrides: {eval.every_nfe: 2000}   # every run (file-based runs too), before the command line's key=value
+    budget_flops: 2.0e12                # or budget_nfe: each run stops once it has used this much compute
+    seeds: [0, 1, 2, 3, 4]
     metric: eval/overall
-    runs:                               # label -> dotted overrides
-      LeapAlign: {method.name: leapalign}
+    reference: LeapAlign                # the row the others are compared against (default: LeapAlign's)
+    target_share: 0.5                   # compute to reach base + 50% of the best method's gain
+    runs:                               # label -> dotted overrides, or a config file of its own
+      LeapAlign: ../world/leapalign.yaml
       GRPO: {method.name: grpo, optim.lr: 3.0e-4}
+    tune:                               # optional: tune every method alike first, then run the seeds
+      trials: 6                         # per method
+      prompts: assets/prompts/world/validation.parquet   # never the reported (test) split
+      seed: 1000                        # the tuning trials' train.seed
+      budget_flops: 2.0e12              # per trial (default: the runs' budget)
+      space: {optim.lr: {loguniform: [1.0e-4, 3.0e-3]}}  # every method
+      per_run: {GRPO: {method.grpo.clip_range: {loguniform: [3.0e-5, 1.0e-3]}}}
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,7 @@ import yaml
 from leapalign.config import (
     Config,
     ConfigError,
+    _yaml_float,
     config_to_dict,
     load_config,
     with_cli_overrides,
@@ -251,6 +260,7 @@ def load_sweep_spec(path: str | Path, config_overrides: list[str] | None = None)
         path,
     )
     base = _base_config(raw, path, config_overrides or [])
+    check_selection_prompts(base.eval.prompts, f"{path}")
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict) or not search_raw:
         raise ConfigError(f"{path}: `search:` must map at least one dotted config key to a distribution")
@@ -299,24 +309,159 @@ def load_sweep_spec(path: str | Path, config_overrides: list[str] | None = None)
 
 
 @dataclass
+class TuneSpec:
+    """The tuning phase of a compare spec: each method searched alike on a validation split."""
+
+    trials: int  # per method (the same for every method)
+    budget: dict[str, float]  # per trial: {"nfe": N} or {"flops": F}
+    seed: int  # every tuning trial's train.seed, none of the final runs' seeds
+    prompts: str  # eval.prompts of the tuning trials: a validation split, never the reported test split
+    space: dict[str, dict[str, ParamSpec]]  # label -> its searched keys (the shared space plus its own)
+    metric: str
+
+
+@dataclass
 class CompareSpec:
     name: str
     path: Path
     base: Config  # the spec's base config with its overrides and the command line's
     runs: dict[str, dict[str, Any] | Path]  # label -> dotted overrides of base, or a config file of its own
     seeds: list[int]
-    budget_nfe: int
+    budget: dict[str, float]  # {"nfe": N} (transformer forward-equivalents) or {"flops": F} (whole update)
     metric: str = "eval/overall"
     overrides: dict[str, Any] = field(default_factory=dict)  # the spec's overrides (every run)
     cli_overrides: list[str] = field(default_factory=list)  # the command line's (every run, last)
+    reference: str = ""  # the row every other method is compared against (default: LeapAlign's)
+    target_share: float = 0.5  # compute to reach base + this share of the best method's gain
+    tune: TuneSpec | None = None
 
-    def run_config(self, label: str, seed: int) -> Config:
+    @property
+    def unit(self) -> str:
+        return next(iter(self.budget))
+
+    @property
+    def budget_nfe(self) -> int:  # kept for callers that print the budget
+        return int(self.budget.get("nfe", 0))
+
+    def budget_text(self) -> str:
+        if self.unit == "flops":
+            return f"{self.budget['flops'] / 1e12:.2f} TFLOPs of whole updates (transformer, VAE decoder, reward)"
+        return f"{self.budget['nfe']:,.0f} transformer image forward-equivalents"
+
+    def budget_overrides(self, budget: dict[str, float] | None = None) -> dict[str, Any]:
+        budget = budget or self.budget
+        if "flops" in budget:
+            return {"train.max_flops": float(budget["flops"]), "train.max_nfe": 0}
+        return {"train.max_nfe": int(budget["nfe"]), "train.max_flops": 0.0}
+
+    def run_config(self, label: str, seed: int, params: dict[str, Any] | None = None) -> Config:
+        """A final run's config: the method's own settings, the spec's and the command line's overrides, the
+        tuned parameters (when the spec tunes), the seed and the budget."""
         run = self.runs[label]
         if isinstance(run, Path):  # a method's own config file: the spec's shared overrides go on top
             cfg = with_cli_overrides(with_overrides(load_config(run), self.overrides), self.cli_overrides)
         else:
             cfg = with_cli_overrides(with_overrides(self.base, run), self.cli_overrides)
-        return with_overrides(cfg, {"train.seed": seed, "train.max_nfe": self.budget_nfe})
+        return with_overrides(cfg, {**(params or {}), "train.seed": seed, **self.budget_overrides()})
+
+    def tuning_config(self, label: str, params: dict[str, Any]) -> Config:
+        """A tuning trial: the method's config with the sampled parameters, a tuning seed, the validation
+        prompts and the tuning budget."""
+        assert self.tune is not None
+        cfg = self.run_config(label, self.tune.seed, params)
+        return with_overrides(
+            cfg, {"eval.prompts": self.tune.prompts, **self.budget_overrides(self.tune.budget)}
+        )
+
+
+def _budget(raw: dict[str, Any], where: str, budget_nfe: int | None = None) -> dict[str, float]:
+    if budget_nfe is not None:
+        raw = {"budget_nfe": budget_nfe}
+    given = {k: raw[k] for k in ("budget_nfe", "budget_flops") if raw.get(k) is not None}
+    if len(given) != 1:
+        raise ConfigError(
+            f"{where}: give one compute budget per run: budget_nfe (transformer image forward-equivalents) or "
+            f"budget_flops (FLOPs of the whole update, e.g. 2.5e12)"
+        )
+    ((key, value),) = given.items()
+    value = _yaml_float(value) if isinstance(value, str) else value
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 1:
+        raise ConfigError(f"{where}: {key}={value!r}; give a positive number")
+    return {"nfe": int(value)} if key == "budget_nfe" else {"flops": float(value)}
+
+
+def check_selection_prompts(path: str | None, where: str) -> None:
+    """Searches select on validation prompts: a file that declares itself the test split is refused."""
+    from leapalign.world.prompts import TEST_SPLITS, prompt_split
+
+    if path and prompt_split(path) in TEST_SPLITS:
+        raise ConfigError(
+            f"{where}: eval.prompts={path} is the reported test split; searches select on a validation split "
+            f"(e.g. assets/prompts/world/validation.parquet), never on the prompts a report is made on"
+        )
+
+
+def check_eval_cadence(cfg: Config, budget: dict[str, float], where: str) -> None:
+    """Compute-to-target needs curves: an evaluation at least every 2k NFE, or 10 points per run."""
+    every = cfg.eval.every_nfe
+    if every <= 0:
+        raise ConfigError(
+            f"{where}: set eval.every_nfe (a held-out point every so much compute) for the curves"
+        )
+    allowed = max(2000, budget["nfe"] / 10) if "nfe" in budget else 2000
+    if every > allowed:
+        raise ConfigError(
+            f"{where}: eval.every_nfe={every} leaves the curves too coarse for compute-to-target; use <= {allowed:.0f} "
+            f"(every 2k NFE, or 10 points per run)"
+        )
+
+
+def _parse_tune(
+    raw: Any, path: Path, runs: dict, seeds: list[int], run_budget: dict, metric: str
+) -> TuneSpec:
+    where = f"{path}: tune"
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: give a mapping (trials, space, per_run, prompts, seed, budget_nfe | budget_flops)"
+        )
+    _check_keys(
+        raw, {"trials", "space", "per_run", "prompts", "seed", "budget_nfe", "budget_flops", "metric"}, path
+    )
+    trials = raw.get("trials")
+    if not isinstance(trials, int) or trials < 1:
+        raise ConfigError(
+            f"{where}.trials={trials!r}: give the number of trials per method (the same for all)"
+        )
+    tune_seed = raw.get("seed", 1000)
+    if not isinstance(tune_seed, int) or tune_seed < 0 or tune_seed in seeds:
+        raise ConfigError(f"{where}.seed={tune_seed!r}: an integer >= 0, not one of the final seeds {seeds}")
+    prompts = raw.get("prompts")
+    if not isinstance(prompts, str) or not prompts:
+        raise ConfigError(f"{where}.prompts: name the validation prompt file the trials are scored on")
+    shared = raw.get("space") or {}
+    per_run = raw.get("per_run") or {}
+    if not isinstance(shared, dict) or not isinstance(per_run, dict):
+        raise ConfigError(f"{where}.space and {where}.per_run map dotted keys to distributions")
+    unknown = sorted(set(per_run) - set(runs))
+    if unknown:
+        raise ConfigError(f"{where}.per_run: unknown run label(s) {unknown}; the runs are {sorted(runs)}")
+    space = {}
+    for label in runs:
+        keys = {**shared, **(per_run.get(label) or {})}
+        if not keys:
+            raise ConfigError(
+                f"{where}: run {label!r} has nothing to search; give tune.space or tune.per_run.{label}"
+            )
+        space[label] = {key: parse_param(key, value) for key, value in keys.items()}
+        grids = [key for key, param in space[label].items() if param.kind == "grid"]
+        if grids:
+            raise ConfigError(
+                f"{where}: {grids} use grid; tuning draws at random (choice, uniform, loguniform, randint)"
+            )
+    budget = _budget(raw, where) if raw.get("budget_nfe") or raw.get("budget_flops") else dict(run_budget)
+    if set(budget) != set(run_budget):
+        raise ConfigError(f"{where}: budget in the runs' unit ({next(iter(run_budget))}), please")
+    return TuneSpec(trials, budget, tune_seed, prompts, space, str(raw.get("metric", metric)))
 
 
 def load_compare_spec(
@@ -327,12 +472,17 @@ def load_compare_spec(
     seeds: list[int] | None = None,
     labels: list[str] | None = None,
 ) -> CompareSpec:
-    """Parse and check a compare spec; every run's config is built (and so validated) here."""
+    """Parse and check a compare spec; every run's config (tuning trials' too) is built and validated here."""
     from leapalign.methods import update_nfe_range
 
     path = Path(path)
     raw = _read_spec(path)
-    _check_keys(raw, {"name", "base", "overrides", "runs", "seeds", "budget_nfe", "metric"}, path)
+    _check_keys(
+        raw,
+        {"name", "base", "overrides", "runs", "seeds", "budget_nfe", "budget_flops", "metric", "reference",
+         "target_share", "tune"},
+        path,
+    )  # fmt: skip
     base = _base_config(raw, path, config_overrides or [])
     runs_raw = raw.get("runs") or {}
     if not isinstance(runs_raw, dict) or not runs_raw:
@@ -358,50 +508,72 @@ def load_compare_spec(
             raise ConfigError(f"unknown run label(s) {missing}; {path} has {sorted(runs)}")
         runs = {label: runs[label] for label in labels}
     seeds = list(seeds if seeds is not None else raw.get("seeds", [0]))
-    if not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{path}: seeds={seeds!r}; give a non-empty list of integers")
-    budget = budget_nfe if budget_nfe is not None else raw.get("budget_nfe")
-    if not isinstance(budget, int) or budget < 1:
-        raise ConfigError(
-            f"{path}: budget_nfe={budget!r}; give the compute budget per run in image forward-equivalents"
-        )
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: seeds={seeds!r}; give a non-empty list of distinct integers >= 0")
+    budget = _budget(raw, str(path), budget_nfe)
+    overrides = raw.get("overrides") or {}
     spec = CompareSpec(
-        str(raw.get("name") or path.stem),
-        path,
-        base,
-        runs,
-        seeds,
-        budget,
-        str(raw.get("metric", "eval/overall")),
+        name=str(raw.get("name") or path.stem),
+        path=path,
+        base=base,
+        runs=runs,
+        seeds=seeds,
+        budget=budget,
+        metric=str(raw.get("metric", "eval/overall")),
+        overrides=dict(overrides),
+        cli_overrides=list(config_overrides or []),
+        target_share=float(raw.get("target_share", 0.5)),
     )
-    configs = []
+    if not 0 < spec.target_share <= 1:
+        raise ConfigError(f"{path}: target_share={spec.target_share}; use a share in (0, 1]")
+    configs = {}
     for label in runs:
         try:
-            cfg = spec.run_config(label, seeds[0])
+            configs[label] = spec.run_config(label, seeds[0])
         except ConfigError as err:
             raise ConfigError(f"{path}: run {label!r}: {err}") from None
-        workers = cfg.ray.num_workers if cfg.ray.enabled else 1
-        lowest = update_nfe_range(cfg)[0] * workers
-        if budget < lowest:
-            raise ConfigError(
-                f"budget_nfe={budget} cannot fit one update of run {label!r} ({lowest} image forward-equivalents "
-                f"with {workers} worker(s)); raise budget_nfe or shrink train.batch_size / the method's steps"
-            )
-        if cfg.train.iterations * update_nfe_range(cfg)[1] * workers < budget:
-            raise ConfigError(
-                f"run {label!r}: train.iterations={cfg.train.iterations} ends before budget_nfe={budget} is spent "
-                f"(at most {update_nfe_range(cfg)[1] * workers} per update); raise train.iterations"
-            )
-        configs.append(cfg)
-    for cfg in {(c.model.path, c.train.prompts, c.eval.prompts, c.reward.name): c for c in configs}.values():
+    default_reference = next(
+        (lab for lab, c in configs.items() if c.method.name == "leapalign"), next(iter(runs))
+    )
+    spec.reference = str(raw.get("reference") or default_reference)
+    if spec.reference not in runs:
+        raise ConfigError(
+            f"{path}: reference={spec.reference!r} is not a run label; the runs are {sorted(runs)}"
+        )
+    for label, cfg in configs.items():
+        where = f"{path}: run {label!r}"
+        check_eval_cadence(cfg, budget, where)
+        if "nfe" in budget:
+            workers = cfg.ray.num_workers if cfg.ray.enabled else 1
+            lowest, highest = (n * workers for n in update_nfe_range(cfg))
+            if budget["nfe"] < lowest:
+                raise ConfigError(
+                    f"budget_nfe={budget['nfe']} cannot fit one update of run {label!r} ({lowest} image "
+                    f"forward-equivalents with {workers} worker(s)); raise budget_nfe or shrink train.batch_size / "
+                    f"the method's steps"
+                )
+            if cfg.train.iterations * highest < budget["nfe"]:
+                raise ConfigError(
+                    f"run {label!r}: train.iterations={cfg.train.iterations} ends before budget_nfe={budget['nfe']} "
+                    f"is spent (at most {highest} per update); raise train.iterations"
+                )
+    if raw.get("tune") is not None:
+        spec.tune = _parse_tune(raw["tune"], path, runs, seeds, budget, spec.metric)
+        check_selection_prompts(spec.tune.prompts, f"{path}: tune.prompts")
+        for label in runs:
+            try:  # every value each distribution can produce makes a valid tuning config
+                trial_cfg = spec.tuning_config(label, {})
+                check_search_space(trial_cfg, spec.tune.space[label])
+            except ConfigError as err:
+                raise ConfigError(f"{path}: tuning run {label!r}: {err}") from None
+            check_metric(spec.tune.metric, [trial_cfg])
+    for cfg in {
+        (c.model.path, c.train.prompts, c.eval.prompts, c.reward.name): c for c in configs.values()
+    }.values():
         check_run_inputs(cfg)
-    check_metric(spec.metric, configs)
+    check_metric(spec.metric, list(configs.values()))
     return spec
 
 
 def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)

@@ -34,25 +34,29 @@ from torch import Tensor
 
 from leapalign.compute import ComputeMeter, PhaseTimer
 from leapalign.config import Config, FinetuneConfig, compile_enabled, flatten_config, save_config
+from leapalign.costs import measure_unit_costs
 from leapalign.data import load_prompts
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
 from leapalign.logs import RUN_LOG, STEP_LOG
 from leapalign.methods.common import StepRandomness
 from leapalign.models.flux import FluxPolicy
+from leapalign.numerics import use_cpu_isa
 from leapalign.parallel import Parallel, is_dcp_checkpoint, load_state, resolve_strategy, save_state
 from leapalign.progress import ProgressScale, make_bar, show_step
 from leapalign.rewards.base import RewardFn
+from leapalign.streams import stream, stream_seed
 from leapalign.tracking import RUN_RECORD, NullTracker, Tracker
 
 log = logging.getLogger("leapalign")
 
 CHECKPOINT_DIR = "checkpoints"  # local runs: OUTPUT/checkpoints/step_000050.pt
+HELDOUT_DIR = "heldout"  # OUTPUT/heldout/step_000050.parquet: each held-out image's results at that step
 # What a run folder holds; train.overwrite=true removes exactly these (never anything else in the folder).
 RUN_FILES = (
     "config.yaml", "metrics.jsonl", RUN_RECORD, CHECKPOINT_DIR, "lora", "lora_ema", "transformer",
     "transformer_ema", "samples_before.png", "samples_after.png", "eval.json", "eval_before_after.png",
-    RUN_LOG,
+    RUN_LOG, HELDOUT_DIR,
 )  # fmt: skip
 
 
@@ -77,8 +81,9 @@ class LocalContext:
     def all_true(self, flag: bool) -> bool:
         return flag
 
-    def sum_int(self, value: int) -> int:
-        return value
+    def sum_counts(self, values: list[int]) -> list[int]:
+        """Integer counts summed over ranks, in one collective."""
+        return [int(v) for v in values]
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """[n, ...] from every rank -> [world_size * n, ...] in rank order."""
@@ -110,10 +115,10 @@ class TorchDistContext(LocalContext):
         self._dist.all_reduce(value, op=self._dist.ReduceOp.MIN)
         return bool(value.item() > 0)
 
-    def sum_int(self, value: int) -> int:
-        total = torch.tensor([value], dtype=torch.int64)
-        self._dist.all_reduce(total)
-        return int(total.item())
+    def sum_counts(self, values: list[int]) -> list[int]:
+        totals = torch.tensor(values, dtype=torch.int64)
+        self._dist.all_reduce(totals)
+        return totals.tolist()
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
@@ -139,7 +144,7 @@ def setup_policy(cfg: Config, device: str | None = None) -> FluxPolicy:
     )
     policy.check_resolution(cfg.sampler.height, cfg.sampler.width)
     apply_finetune(policy.transformer, cfg.finetune)
-    if compile_enabled(cfg.sampler.compile, device_obj.type):
+    if compile_enabled(cfg.sampler.compile, device_obj.type, cfg.train.cpu_isa):
         policy.compile_no_grad_calls()
     return policy
 
@@ -222,7 +227,7 @@ class PromptSampler:
         self.prompts = prompts
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = stream(seed, "prompts")
         self.order: list[int] = []
 
     def next_batch(self) -> list[str]:
@@ -427,10 +432,13 @@ class TrainingRun:
         self.cfg, self.reward_fn, self.tracker, self.dist = cfg, reward_fn, tracker, dist
         self.out_dir = Path(cfg.train.output_dir)
         prompts = load_prompts(cfg.train.prompts)
+        use_cpu_isa(cfg.train.cpu_isa)  # a Ray worker has it from its runtime_env; this checks it
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(stream_seed(cfg.train.seed, "init"))  # what draws from the global RNG: LoRA init
         self.policy = setup_policy(cfg, device)
+        # FLOPs per image of each model, on this run's shapes (before any wrapper: the plain modules).
+        self.costs = measure_unit_costs(self.policy, reward_fn, cfg, prompts[0])
         # Data parallel: DDP (LoRA) or FSDP2 (full fine-tuning) over the workers' process group.
         strategy = "none"
         if dist.has_process_group:
@@ -481,6 +489,7 @@ class TrainingRun:
         self.progress = progress
         self.start_step = 0
         self.nfe_total = 0
+        self.flops_total = 0.0
         self.time_total = 0.0
         self.wall_before = 0.0  # wall seconds of the run before this process (a resumed run's earlier part)
         self.wall_start = time.perf_counter()
@@ -508,6 +517,7 @@ class TrainingRun:
             "sampler": self.sampler.state_dict(),
             "randomness": self.rng.state_dict(),
             "nfe_total": self.nfe_total,
+            "flops_total": self.flops_total,
             "time_total": self.time_total,
             "wall_total": self.wall_seconds(),
             "eval_nfe_mark": self.eval_schedule.last_nfe_mark if self.eval_schedule else 0,
@@ -553,6 +563,7 @@ class TrainingRun:
         self.rng.load_state_dict(state["randomness"])
         self.start_step = int(state["step"])
         self.nfe_total = int(state["nfe_total"])
+        self.flops_total = float(state["flops_total"])
         self.time_total = float(state["time_total"])
         self.wall_before = float(state.get("wall_total", self.time_total))
         if self.eval_schedule is not None:
@@ -573,11 +584,11 @@ class TrainingRun:
         if self.start_step == 0 and forwards:
             before = self.sample_grid_images()
             # the curve starts at the base model, at zero compute
-            before_eval = self.evaluate() if self.evaluator is not None else None
+            before_eval = self.evaluate(0) if self.evaluator is not None else None
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-            self.tracker.log_params(flatten_config(cfg))
+            self.tracker.log_params({**flatten_config(cfg), **self.costs.as_metrics()})
             self.tracker.log_artifact(self.out_dir / "config.yaml")
             if self.start_step == 0:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -592,7 +603,10 @@ class TrainingRun:
             self.scale,
             cfg.method.name,
             disable=not (self.progress and dist.is_main),
-            initial=self.scale.position(self.start_step, self.nfe_total),
+            initial=self.scale.position(
+                self.start_step,
+                {"compute/nfe_total": self.nfe_total, "compute/flops_total": self.flops_total},
+            ),
         )
         self.steps = range(self.start_step, cfg.train.iterations)
 
@@ -626,23 +640,32 @@ class TrainingRun:
         if not ok:
             log.warning("step %d skipped, weights untouched: %s", step + 1, reason)
             return {"skipped": 1.0}
-        return {"grad_norm": grad_norm, "skipped": 0.0}
+        # grad_norm is the global norm BEFORE clipping; optim/clipped says whether clipping scaled it down.
+        clipped = float(grad_norm > self.cfg.optim.max_grad_norm)
+        return {"grad_norm": grad_norm, "optim/clipped": clipped, "skipped": 0.0}
 
     def end_step(self, step: int, metrics: dict[str, float]) -> bool:
         """Compute, logging, grids, evaluation and the checkpoint hook after update `step` (0-based).
 
-        Returns True when the run is over (last iteration, or the compute budget train.max_nfe spent).
+        Returns True when the run is over (last iteration, or the compute budget train.max_nfe or
+        train.max_flops spent).
         """
         cfg, dist = self.cfg, self.dist
         metrics = dist.all_mean(metrics)  # the global batch's loss and rewards, the same on every rank
-        nfe = dist.sum_int(self.meter.nfe)  # every worker's compute; the same number on every rank
+        # Every worker's compute, the same numbers on every rank (FLOPs: exact integers in float64).
+        nfe, flops = dist.sum_counts([self.meter.nfe, round(self.meter.flops(self.costs))])
         self.nfe_total += nfe
-        done = step + 1 >= cfg.train.iterations or (0 < cfg.train.max_nfe <= self.nfe_total)
+        self.flops_total += flops
+        done = (
+            step + 1 >= cfg.train.iterations
+            or 0 < cfg.train.max_nfe <= self.nfe_total
+            or 0 < cfg.train.max_flops <= self.flops_total
+        )
         if self.stop_requested:  # Ctrl-C in a local run: this step is the last, and it is checkpointed
             done, self.stopped_at_step = True, step + 1
         schedule = self.eval_schedule
         evaluated = schedule is not None and (schedule.due(step + 1, self.nfe_total) or done)
-        held_out = self.evaluate() if evaluated and self.evaluator is not None else {}  # phase "eval"
+        held_out = self.evaluate(step + 1) if evaluated and self.evaluator is not None else {}  # phase "eval"
         step_time = sum(self.timer.seconds.values())
         self.time_total += step_time
         metrics = {
@@ -653,6 +676,8 @@ class TrainingRun:
             "time/wall_s": self.wall_seconds(),
             "compute/nfe": float(nfe),
             "compute/nfe_total": float(self.nfe_total),
+            "compute/flops": float(flops),
+            "compute/flops_total": self.flops_total,
             **held_out,
         }
         self.result.history.append(metrics)
@@ -680,7 +705,12 @@ class TrainingRun:
         return self.wall_before + time.perf_counter() - self.wall_start
 
     def log_step(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
-        metrics = {**metrics, "compute/nfe_total": float(self.nfe_total)}  # the x-axis of compute curves
+        # The x-axes of compute curves.
+        metrics = {
+            **metrics,
+            "compute/nfe_total": float(self.nfe_total),
+            "compute/flops_total": self.flops_total,
+        }
         append_jsonl(self.out_dir / "metrics.jsonl", {"step": step, **metrics})
         has_eval = any(k.startswith("eval/") for k in metrics)
         if step % self.cfg.train.log_every == 0 or force or has_eval:
@@ -691,12 +721,19 @@ class TrainingRun:
     def weights_for_eval(self):
         return self.ema.swapped() if self.ema is not None and self.cfg.eval.use_ema else nullcontext()
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics; rank 0 also writes each image's results to OUTPUT/heldout/step_<n>.parquet."""
+        from leapalign.evaluation import write_image_results
+
         with self.timer.phase("eval"), self.weights_for_eval():
-            return self.evaluator(self.policy)
+            metrics = self.evaluator(self.policy)
+            if self.dist.is_main:
+                path = self.out_dir / HELDOUT_DIR / f"step_{step:06d}.parquet"
+                write_image_results(path, self.evaluator.prompts, self.evaluator.last_images)
+            return metrics
 
     def sample_grid_images(self) -> Tensor:
-        """Evaluation samples: fixed noise (seeded apart from training), the evaluation step count."""
+        """Sample grids: the run's "grid" stream (the same noise before, during and after), evaluation steps."""
         cfg = self.cfg
         return self.policy.generate(
             self.grid_prompts,
@@ -704,7 +741,7 @@ class TrainingRun:
             height=cfg.sampler.height,
             width=cfg.sampler.width,
             guidance_scale=cfg.sampler.guidance_scale,
-            generator=torch.Generator().manual_seed(cfg.train.seed + 10_000),
+            generator=stream(cfg.train.seed, "grid"),
             max_sequence_length=cfg.model.max_sequence_length,
         )
 

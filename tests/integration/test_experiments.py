@@ -24,7 +24,7 @@ ITERATIONS = 6
 def base_overrides(tiny_flux_dir: Path, tmp: Path) -> dict:
     return {
         "model.path": str(tiny_flux_dir),
-        "eval.prompts": "assets/prompts/world/eval.parquet",
+        "eval.prompts": "assets/prompts/world/validation.parquet",  # searches select on validation prompts
         "eval.every": 2,
         "eval.every_num_prompts": 4,
         "eval.batch_size": 4,
@@ -190,40 +190,75 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicates(tiny_flux_dir, tmp
         assert steps == list(range(1, ITERATIONS + 1)), f"each step logged once: {steps}"
 
 
-def test_compare_report_at_equal_compute(tiny_flux_dir, tmp_path):
-    budget = 400
+def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
+    """Tune each method on the validation prompts, run the chosen configs on the test prompts, report."""
     spec = {
         "name": "tiny_compare",
         "base": str(REPO / "experiments" / "tiny_demo.yaml"),
-        "overrides": {**base_overrides(tiny_flux_dir, tmp_path), "train.iterations": 100},
-        "budget_nfe": budget,
+        "overrides": {
+            **base_overrides(tiny_flux_dir, tmp_path),
+            "train.iterations": 100,
+            "eval.every": 0,
+            "eval.every_nfe": 150,
+            "eval.prompts": "assets/prompts/world/eval.parquet",
+        },  # fmt: skip
+        "budget_nfe": 400,
         "seeds": [0, 1],
         "metric": "eval/overall",
         "runs": {
             "LeapAlign": {"method.name": "leapalign"},
             "GRPO": {"method.name": "grpo", "method.grpo.group_size": 2, "train.batch_size": 1},
         },
+        "tune": {
+            "trials": 1,
+            "prompts": "assets/prompts/world/validation.parquet",
+            "budget_nfe": 200,
+            "space": {"optim.lr": {"loguniform": [1e-3, 1e-2]}},
+            "per_run": {"GRPO": {"method.grpo.clip_range": {"loguniform": [1e-4, 1e-2]}}},
+        },
     }
     out = tmp_path / "compare"
     proc = leapalign("compare", str(write_spec(tmp_path / "compare.yaml", spec)), "--out", str(out))
     assert proc.returncode == 0, f"compare failed: {proc.stderr[-3000:]}"
+    chosen = json.loads((out / "tuning" / "chosen.json").read_text())
+    assert set(chosen["chosen"]) == {"LeapAlign", "GRPO"}, f"one choice per method: {chosen}"
+    assert set(chosen["chosen"]["GRPO"]) == {"optim.lr", "method.grpo.clip_range"}, "GRPO's own space"
+    for trial in chosen["trials"]:
+        cfg = yaml.safe_load((out / "tuning" / "runs" / trial["trial_id"] / "config.yaml").read_text())
+        assert cfg["eval"]["prompts"].endswith("validation.parquet") and cfg["train"]["seed"] == 1000, (
+            "tuning trials score on the validation split with the tuning seed"
+        )
+    finals = list((out / "runs").iterdir())
+    assert len(finals) == 4, f"2 methods x 2 seeds: {finals}"
+    for run in finals:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        label = "GRPO" if cfg["method"]["name"] == "grpo" else "LeapAlign"
+        assert cfg["optim"]["lr"] == pytest.approx(chosen["chosen"][label]["optim.lr"]), "the chosen lr"
+        assert cfg["eval"]["prompts"].endswith("eval.parquet"), "final runs report on the test split"
+        last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        assert budget_reached(last["compute/nfe_total"], 400), f"{run.name}: stops on crossing the budget"
+        assert (run / "heldout" / f"step_{last['step']:06d}.parquet").is_file(), "per-image final results"
     report = (out / "report" / "report.md").read_text()
-    for label in ("LeapAlign", "GRPO"):
-        assert f"| {label} | 2 |" in report, f"a row with 2 seeds for {label}: {report}"
-    assert "reaches GRPO's final score" in report, "the compute-to-reach line"
+    for fragment in (
+        "| LeapAlign |",
+        "| GRPO |",
+        "(2) |",
+        "Δ vs LeapAlign",
+        "## Tuning",
+        "Failed or missing runs: none.",
+    ):
+        assert fragment in report, f"report lacks {fragment!r}:\n{report}"
     for name in ("curves.png", "samples.png"):
         assert (out / "report" / name).stat().st_size > 1000, f"{name} missing"
-    for run in (out / "runs").iterdir():
-        last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-        assert budget <= last["compute/nfe_total"] < budget + 2 * 2 * 14 * 2, (
-            f"{run.name}: a run stops on the update that crosses the budget: {last['compute/nfe_total']}"
-        )
     client, runs = mlflow_runs(tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 4, f"one nested MLflow run per method x seed: {len(children)}"
-    assert {c.info.run_name for c in children} == {
-        f"{m} seed {s}" for m in ("LeapAlign", "GRPO") for s in (0, 1)
-    }
+    assert len(children) == 6, (
+        f"one nested MLflow run per tuning trial and per method x seed: {len(children)}"
+    )
+
+
+def budget_reached(total: float, budget: float) -> bool:
+    return budget <= total < budget + 2 * 2 * 14 * 2
 
 
 @pytest.mark.parametrize(
@@ -236,6 +271,7 @@ def test_compare_report_at_equal_compute(tiny_flux_dir, tmp_path):
         ("unknown searcher", {"searcher": "bayes"}, "unknown searcher 'bayes'"),
         ("unknown scheduler", {"scheduler": {"name": "pbt"}}, "unknown scheduler"),
         ("never reported", {"metric": "eval/position"}, "never reported"),
+        ("test split", {}, "is the reported test split"),
     ],
 )
 def test_bad_sweep_specs_fail_before_any_trial(tiny_flux_dir, tmp_path, case, change, message):
@@ -244,6 +280,8 @@ def test_bad_sweep_specs_fail_before_any_trial(tiny_flux_dir, tmp_path, case, ch
     spec.update(change)
     if case == "never reported":
         spec["overrides"]["eval.prompts"] = None
+    if case == "test split":
+        spec["overrides"]["eval.prompts"] = "assets/prompts/world/eval.parquet"
     write_spec(spec_path, spec)
     out = tmp_path / "sweep"
     proc = leapalign("sweep", str(spec_path), "--out", str(out), timeout=120)
@@ -269,7 +307,11 @@ def test_bad_compare_specs_fail_before_anything(tiny_flux_dir, tmp_path, case, c
     spec = {
         "name": "bad",
         "base": str(REPO / "experiments" / "tiny_demo.yaml"),
-        "overrides": {**base_overrides(tiny_flux_dir, tmp_path), "train.iterations": 100},
+        "overrides": {
+            **base_overrides(tiny_flux_dir, tmp_path),
+            "train.iterations": 100,
+            "eval.every_nfe": 100,
+        },
         "budget_nfe": 1000,
         "runs": {"LeapAlign": {"method.name": "leapalign"}},
     }

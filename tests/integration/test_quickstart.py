@@ -15,8 +15,10 @@ import pytest
 from tests.conftest import REPO
 
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
-QUICKSTART_LOSSES = [14.226430892944336, 21.386592864990234]  # 2 updates, ray.enabled=false, seed 0
-QUICKSTART_REWARDS = [0.3595767617225647, -1.3182677030563354]  # the mini scorer's logit on the rollouts
+# The first update, before any optimizer step: what every x86-64 machine reproduces with train.cpu_isa=avx2
+# (the shipped quickstart's setting; tests/unit/test_numerics.py). Later updates are checked run to run.
+QUICKSTART_FIRST_LOSS = 11.13279914855957  # ray.enabled=false, seed 0
+QUICKSTART_FIRST_REWARD = -1.347558856010437  # the mini scorer's logit on the first rollouts
 
 
 def run_quickstart(out_dir, db, *extra):
@@ -41,18 +43,15 @@ def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
         assert (tmp_path / name / "eval_before_after.png").stat().st_size > 1000, "before/after grid missing"
     (m_a, e_a), (m_b, e_b) = runs
     losses = [m["loss"] for m in m_a]
-    # Pinned: the shipped mini Flux + mini scorer, seed 0, two LeapAlign updates (float32 CPU kernels
-    # differ in the last bits between machines; anything else moves these at the first digits).
-    assert losses == pytest.approx(QUICKSTART_LOSSES, rel=1e-5), f"pinned quickstart losses: {losses}"
-    assert [m["reward/mean"] for m in m_a] == pytest.approx(QUICKSTART_REWARDS, rel=1e-5, abs=1e-6), (
-        "pinned quickstart rewards"
-    )
+    # Pinned: the shipped mini Flux + mini scorer, seed 0, the first LeapAlign update.
+    assert losses[0] == pytest.approx(QUICKSTART_FIRST_LOSS, rel=1e-6), f"pinned first loss: {losses}"
+    assert m_a[0]["reward/mean"] == pytest.approx(QUICKSTART_FIRST_REWARD, rel=1e-6), "pinned first reward"
     assert losses == [m["loss"] for m in m_b], "same seed must give the same losses"
     assert [m["reward/mean"] for m in m_a] == [m["reward/mean"] for m in m_b], "same seed, same rewards"
     assert e_a == e_b, f"same seed must give the same held-out accuracy: {e_a} vs {e_b}"
     assert e_a["before"]["n"] == 12 and e_a["after"]["n"] == 12, f"eval summary {e_a}"
-    # The base model on the first 12 held-out prompts with the fixed evaluation noise: 1 image correct.
-    assert e_a["before"]["overall"] == pytest.approx(1 / 12), f"pinned base accuracy: {e_a['before']}"
+    # The base model on the first 12 held-out prompts with the fixed evaluation noise: 3 images correct.
+    assert e_a["before"]["image_accuracy"] == pytest.approx(3 / 12), f"pinned base accuracy: {e_a['before']}"
 
     import mlflow
 

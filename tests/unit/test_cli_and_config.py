@@ -12,9 +12,11 @@ import pytest
 from leapalign.config import ConfigError, flatten_config, load_config, with_overrides
 from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
 
-# Measured once on this code (CPU, fp32, seed 0) and pinned: any change to the math, the random
-# streams or the defaults shows up here.
-EXPECTED_TWO_STEP_LOSSES = [1.7403478622436523, 1.6245371103286743]
+# Measured once on this code (CPU, fp32, seed 0, train.cpu_isa=avx2: the same AVX2 kernels on every x86-64
+# CPU) and pinned: any change to the math, the random streams or the defaults shows up here. The first loss
+# comes before any optimizer step and is pinned tightly; the second (after one AdamW step, where the last
+# bits of a gradient can flip a sign) at 1e-4, with run-to-run identity checked exactly elsewhere.
+EXPECTED_TWO_STEP_LOSSES = [1.918647050857544, 1.6614084243774414]
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
@@ -30,7 +32,8 @@ def test_two_step_cli_run_gives_exact_losses(tiny_flux_dir, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
     assert [r["step"] for r in records] == [1, 2], f"steps logged: {[r['step'] for r in records]}"
-    assert losses == pytest.approx(EXPECTED_TWO_STEP_LOSSES, rel=1e-6, abs=1e-7), f"losses {losses}"
+    assert losses[0] == pytest.approx(EXPECTED_TWO_STEP_LOSSES[0], rel=1e-6), f"first loss {losses}"
+    assert losses[1] == pytest.approx(EXPECTED_TWO_STEP_LOSSES[1], rel=1e-4), f"second loss {losses}"
     for name in ("config.yaml", "samples_before.png", "samples_after.png", "lora", "lora_ema"):
         assert (out / name).exists(), f"{name} missing from the run folder"
     saved = load_config(out / "config.yaml")
@@ -123,7 +126,9 @@ def test_every_shipped_config_and_spec_is_valid():
         head = path.read_text().splitlines()[0]
         if path.parent.name == "compare":
             spec = load_compare_spec(path)
-            assert len(spec.runs) >= 2 and spec.budget_nfe > 0, f"{path}: a comparison of >= 2 runs"
+            assert len(spec.runs) >= 2 and next(iter(spec.budget.values())) > 0, (
+                f"{path}: >= 2 runs, a budget"
+            )
         elif path.parent.name == "sweeps":
             spec = load_sweep_spec(path)
             assert spec.search, f"{path}: a search space"

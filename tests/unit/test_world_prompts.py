@@ -114,13 +114,50 @@ def test_write_then_read_round_trips(prompt_sets, tmp_path):
 
 
 def test_make_prompt_files_and_cli(tmp_path):
-    train_path, eval_path = make_prompt_files(tmp_path, seed=3, n_train=24, n_eval=12)
-    assert sorted(os.listdir(tmp_path)) == ["eval.parquet", "train.parquet"], os.listdir(tmp_path)
-    assert len(read_prompts(train_path)) == 24 and len(read_prompts(eval_path)) == 12, "wrong row counts"
-    assert prompts.main(["--out-dir", str(tmp_path / "cli"), "--n-train", "6", "--n-eval", "6"]) == 0, (
-        "CLI failed"
+    train_path, eval_path, validation_path = make_prompt_files(
+        tmp_path, seed=3, n_train=24, n_eval=12, n_validation=18
     )
+    assert sorted(os.listdir(tmp_path)) == ["eval.parquet", "train.parquet", "validation.parquet"], (
+        os.listdir(tmp_path)
+    )
+    assert len(read_prompts(train_path)) == 24 and len(read_prompts(eval_path)) == 12, "wrong row counts"
+    validation = read_prompts(validation_path)
+    assert len(validation) == 18 and all(mentions_held_out(parse_caption(r.prompt)) for r in validation), (
+        "validation prompts test the same compositions as the test split"
+    )
+    assert [prompts.prompt_split(p) for p in (train_path, eval_path, validation_path)] == [
+        "train",
+        "eval",
+        "validation",
+    ]
+    test_captions = {r.prompt for r in read_prompts(eval_path)}
+    shared = {r.category for r in validation if r.prompt in test_captions}
+    assert shared <= {"single_object", "colors", "counting"}, (
+        f"only categories with a handful of held-out captions may repeat a test caption: {shared}"
+    )
+    assert (
+        prompts.main(
+            ["--out-dir", str(tmp_path / "cli"), "--n-train", "6", "--n-eval", "6", "--n-validation", "6"]
+        )
+        == 0
+    ), "CLI failed"
     assert len(read_prompts(tmp_path / "cli" / "eval.parquet")) == 6, "CLI eval file has the wrong size"
+
+
+def test_the_shipped_validation_split_is_the_generators():
+    from leapalign.models.flux import PACKAGE_DIR
+
+    folder = PACKAGE_DIR / "assets" / "prompts" / "world"
+    train, evaluation = prompts.build_prompt_sets(0, prompts.DEFAULT_N_TRAIN, prompts.DEFAULT_N_EVAL)
+    assert (
+        evaluation.column("prompt").to_pylist()
+        == pq.read_table(folder / "eval.parquet").column("prompt").to_pylist()
+    )
+    validation = prompts.build_validation_set(0, prompts.DEFAULT_N_VALIDATION, evaluation)
+    shipped = pq.read_table(folder / "validation.parquet")
+    assert validation.column("seed").to_pylist() == shipped.column("seed").to_pylist(), (
+        "regenerated = shipped"
+    )
 
 
 def _write_raw(path, columns: dict[str, list]) -> None:

@@ -57,7 +57,7 @@ class ForwardWarnings(logging.Handler):
 
 def step_headline(metrics: dict[str, Any]) -> dict[str, float]:
     """What the bar shows, from a step's metrics (small: it crosses to the driver every step)."""
-    keep = ("loss", "reward/mean", "compute/nfe_total", "eval/overall")
+    keep = ("loss", "reward/mean", "compute/nfe_total", "compute/flops_total", "eval/overall")
     return {k: float(metrics[k]) for k in keep if k in metrics}
 
 

@@ -51,6 +51,7 @@ from leapalign.distributed.reward_service import (
     reward_service_resources,
 )
 from leapalign.models.flux import resolve_model_path
+from leapalign.numerics import cpu_isa_env
 from leapalign.tracking import (
     RUN_RECORD,
     MLflowTracker,
@@ -158,7 +159,7 @@ def run_on_ray(
                 storage_path=cfg.ray.storage_path,
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                worker_runtime_env={"env_vars": fault_env} if fault_env else None,
+                worker_runtime_env=worker_env(cfg, fault_env),
                 callbacks=callbacks,
             ),
         )
@@ -280,6 +281,13 @@ class RunStorage:
         if self.holds_run():
             log.warning("train.overwrite=true: starting %s over (its old checkpoints are removed)", self.uri)
             self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+
+
+def worker_env(cfg: Config, extra: dict[str, str]) -> dict[str, Any] | None:
+    """The workers' runtime_env: train.cpu_isa's kernel pins (read when a worker's libraries start) and the
+    fault-injection variables."""
+    env_vars = {**cpu_isa_env(cfg.train.cpu_isa), **extra}
+    return {"env_vars": env_vars} if env_vars else None
 
 
 def fault_injection_env() -> dict[str, str]:

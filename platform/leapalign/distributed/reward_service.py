@@ -45,7 +45,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from torch import Tensor
 
 from leapalign.config import RewardConfig, with_overrides
+from leapalign.numerics import cpu_isa_env
 from leapalign.rewards.base import (
     REWARD_PATHS,
     REWARDS,
@@ -138,16 +139,28 @@ class ServedPart:
     app: str | None  # the configured application; None = the spec's auto name
 
 
-def serving_plan(reward_cfg: RewardConfig) -> list[ServedPart]:
-    """The deployments a reward config needs: one, or one per weighted_sum component."""
+def serving_plan(reward_cfg: RewardConfig, cpu_isa: str = "native") -> list[ServedPart]:
+    """The deployments a reward config needs: one, or one per weighted_sum component.
+
+    cpu_isa (train.cpu_isa): the replicas' kernels are pinned like the workers' (their runtime_env), so a
+    served reward gives the same numbers on every CPU; it is part of the spec, hence of the app's name."""
+    pins = cpu_isa_env(cpu_isa)
+
+    def pinned(spec: ServingSpec) -> ServingSpec:
+        if not pins:
+            return spec
+        runtime_env = dict(spec.runtime_env)
+        runtime_env["env_vars"] = {**pins, **runtime_env.get("env_vars", {})}
+        return replace(spec, runtime_env=runtime_env)
+
     if reward_cfg.name != RewardConfig.WEIGHTED_SUM:
         spec = ServingSpec.from_config(reward_cfg, reward_cfg.name, reward_cfg.options)
-        return [ServedPart(None, 1.0, spec, reward_cfg.app)]
+        return [ServedPart(None, 1.0, pinned(spec), reward_cfg.app)]
     parts = []
     for label, component in reward_cfg.components().items():
         overrides = {k: v for k, v in component.items() if k in RewardConfig.SERVING_KEYS and k != "app"}
         spec = ServingSpec.from_config(reward_cfg, component["name"], component["options"], **overrides)
-        parts.append(ServedPart(label, component["weight"], spec, component.get("app")))
+        parts.append(ServedPart(label, component["weight"], pinned(spec), component.get("app")))
     return parts
 
 
@@ -162,7 +175,7 @@ def check_reward_config(cfg: Config) -> None:
     if not serves_reward(cfg):
         build_configured_reward(cfg.reward)
         return
-    for part in serving_plan(cfg.reward):
+    for part in serving_plan(cfg.reward, cfg.train.cpu_isa):
         check_served_reward(part.spec)
 
 
@@ -189,7 +202,11 @@ def reward_service_resources(cfg: Config) -> dict[str, float]:
     """CPUs and GPUs the reward replicas reserve on a cluster where nothing serves them yet."""
     if not serves_reward(cfg):
         return {"CPU": 0.0, "GPU": 0.0}
-    parts = [p for p in serving_plan(cfg.reward) if p.app is None or p.app.startswith(AUTO_APP_PREFIX)]
+    parts = [
+        p
+        for p in serving_plan(cfg.reward, cfg.train.cpu_isa)
+        if p.app is None or p.app.startswith(AUTO_APP_PREFIX)
+    ]
     return {
         "CPU": sum(p.spec.replicas * p.spec.cpus_per_replica for p in parts),
         "GPU": sum(p.spec.replicas * p.spec.gpus_per_replica for p in parts),
@@ -291,6 +308,12 @@ class RewardModel:
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
         }
+
+    def flops(self, images: np.ndarray, prompts: list[str]) -> tuple[float, float]:
+        """(forward, backward) FLOPs per image of this replica's reward, measured here (leapalign.costs)."""
+        from leapalign.costs import reward_flops
+
+        return reward_flops(self.reward, _as_tensor(images).to(self.device), list(prompts))
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising makes it replace the replica. A CUDA error
@@ -492,7 +515,7 @@ def ensure_reward_service(cfg: Config, *, timeout_s: float = READY_TIMEOUT_S) ->
         return cfg
     check_reward_config(cfg)  # an unknown name fails here, not after a replica has tried to build it
     apps: dict[str | None, str] = {}
-    for part in serving_plan(cfg.reward):
+    for part in serving_plan(cfg.reward, cfg.train.cpu_isa):
         auto = part.app is None or part.app.startswith(AUTO_APP_PREFIX)  # a saved config's auto name is stale
         app = part.spec.auto_app if auto else part.app
         what = f"reward.app={app!r}" if part.label is None else f"reward.options.{part.label}.app={app!r}"
@@ -535,7 +558,7 @@ def _check_serves(app: str, spec: ServingSpec, what: str) -> None:
 
 def delete_reward_service(cfg: Config) -> None:
     """Delete the applications ensure_reward_service named in cfg (after a run that owned them)."""
-    for part in serving_plan(cfg.reward):
+    for part in serving_plan(cfg.reward, cfg.train.cpu_isa):
         if part.app is not None and _app_status(part.app) is not None:
             serve.delete(part.app)
 
@@ -604,6 +627,13 @@ class ServedReward:
             return PixelGradients.apply(images, rewards, _as_tensor(grads).to(images.device))
 
         return finish
+
+    def flops(self, images: Tensor, prompts: Sequence[str]) -> tuple[float, float]:
+        """(forward, backward) FLOPs per image, measured in a replica (where the reward's arithmetic runs)."""
+        wire = images.detach().to("cpu", wire_dtype(images.dtype)).contiguous().numpy()
+        return tuple(
+            self._get_handle().flops.remote(wire, list(prompts)).result(timeout_s=self.call_timeout_s)
+        )
 
     def stats(self) -> dict[str, Any]:
         """Counters of one replica (whichever the router picks)."""

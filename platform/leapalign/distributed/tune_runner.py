@@ -401,15 +401,93 @@ def close_trial_runs(plan: TrialPlan, records: list[TrialRecord]) -> None:
 # ----------------------------------------------------------------------------- the two commands
 
 
+def tune_methods(
+    spec, out_dir: Path, *, restart: bool = False
+) -> tuple[dict[str, dict[str, Any]], list[dict]]:
+    """The tuning phase of a compare spec: `tune.trials` random draws of every method's search space, each a
+    run on the validation prompts at the tuning budget; each method keeps its best trial's parameters (the
+    final validation metric). Returns (label -> chosen overrides, every trial's record). The choice is saved
+    (tuning/chosen.json) so a resumed comparison runs the same final configs."""
+    tune_spec = spec.tune
+    folder = out_dir / "tuning"
+    chosen_path = folder / "chosen.json"
+    if chosen_path.is_file() and not restart:
+        saved = json.loads(chosen_path.read_text())
+        return saved["chosen"], saved["trials"]
+    labels = list(spec.runs)
+    # One Tune experiment for every method: the grid over methods, each drawing its own keys (namespaced, so
+    # methods may search one key over different ranges); a trial applies only its method's keys.
+    space = {"run": tune.grid_search(labels)}
+    for label in labels:
+        for key, param in tune_spec.space[label].items():
+            space[f"{label}::{key}"] = tune_domain(param.kind, param.values, "random")
+
+    def own(params: dict[str, Any]) -> dict[str, Any]:
+        label = params["run"]
+        return {key: params[f"{label}::{key}"] for key in tune_spec.space[label]}
+
+    plan = TrialPlan(
+        name=f"{spec.name}-tuning",
+        out_dir=folder,
+        base=spec.base,
+        param_space=space,
+        configure=lambda params: absolute_paths(spec.tuning_config(params["run"], own(params))),
+        expand=lambda params: {"run": params["run"], **own(params)},
+        metric=tune_spec.metric,
+        searcher="random",
+        num_samples=tune_spec.trials,
+        seed=tune_spec.seed,
+        kind="tuning",
+        run_label=lambda params: f"{params['run']} tuning",
+    )
+    records, parent = run_trials(plan, restart=restart)
+    close_trial_runs(plan, records)
+    trials, chosen = [], {}
+    for record in records:
+        final = record.metrics.get(tune_spec.metric)
+        from leapalign.reports import read_metrics
+
+        curve = [r[tune_spec.metric] for r in read_metrics(record.output_dir) if tune_spec.metric in r]
+        value = curve[-1] if curve else (final if final is not None else math.nan)
+        trials.append({"run": record.params["run"], "trial_id": record.trial_id, "params": own(record.params),
+                       "value": float(value), "error": record.error})  # fmt: skip
+    for label in labels:
+        finished = [
+            t for t in trials if t["run"] == label and t["error"] is None and math.isfinite(t["value"])
+        ]
+        if not finished:
+            raise RuntimeError(f"no tuning trial of {label!r} finished; see {folder}")
+        chosen[label] = max(finished, key=lambda t: t["value"])["params"]
+    with atomic_path(chosen_path) as tmp:
+        tmp.write_text(json.dumps({"chosen": chosen, "trials": trials}, indent=2, default=str))
+    parent.log_artifact(chosen_path)
+    parent.end("FINISHED")
+    return chosen, trials
+
+
 def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
-    """`leapalign compare`: every (run label, seed) as a trial at the spec's compute budget, then the report."""
-    from leapalign.evaluation import load_eval_prompts, load_policy, sample_images
-    from leapalign.reports import collect_runs, compare_report
+    """`leapalign compare`: (the tuning phase, when the spec has one, then) every (run label, seed) as a trial
+    at the spec's compute budget on the test prompts, then the report with its statistics."""
+    # One cluster for both phases: its Serve reward deployment serves the tuning and the final runs.
+    connected = connect_ray(absolute_paths(spec.base))
+    try:
+        return _run_compare(spec, out_dir, restart=restart)
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+def _run_compare(spec, out_dir: Path, *, restart: bool) -> Path:
+    from leapalign.comparison import collect_runs, summarise, tuning_section, write_report
+    from leapalign.evaluation import sample_report_grid
 
     runs = spec.runs
+    chosen, tuning = tune_methods(spec, out_dir, restart=restart) if spec.tune is not None else ({}, [])
     # Every (label, seed) config is built and made absolute here, in the driver: trials run elsewhere.
     configs = {
-        (label, seed): absolute_paths(spec.run_config(label, seed)) for label in runs for seed in spec.seeds
+        (label, seed): absolute_paths(spec.run_config(label, seed, chosen.get(label)))
+        for label in runs
+        for seed in spec.seeds
     }
     plan = TrialPlan(
         name=spec.name,
@@ -428,40 +506,38 @@ def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
     failed = [r for r in records if r.status == "ERROR"]
     for record in failed:
         log.error("run %s (%s) failed: %s", record.trial_id, record.params, record.error)
-    entries = [
-        (r.params["run"], int(r.params["train.seed"]), r.output_dir) for r in records if r.status != "ERROR"
-    ]
+    ran = {(r.params["run"], int(r.params["train.seed"])): r for r in records}
+    entries = []
+    for label in runs:
+        for seed in spec.seeds:  # every run asked for, a missing one included: the report names it
+            record = ran.get((label, seed))
+            folder = record.output_dir if record else out_dir / "runs" / "missing"
+            error = (record.error or None) if record else "never ran (no trial record)"
+            entries.append(
+                (label, seed, folder, error if record is None or record.status == "ERROR" else None)
+            )
     results = collect_runs(entries, spec.metric)
-    # One row per method on the same held-out prompts and noise: the base model first, then each method's
-    # first seed (its EMA weights when it has them).
-    cfg = absolute_paths(spec.base)
-    grid_rows, grid_prompts = [], None
-    if cfg.eval.prompts:
-        grid_prompts = load_eval_prompts(cfg.eval.prompts, 8)
-        grid_rows.append(("base", sample_images(load_policy(cfg), cfg, grid_prompts, progress=False)[0]))
-        for label in runs:
-            first = next((r for r in results if r.label == label and r.seed == spec.seeds[0]), None)
-            if first is not None and (first.run_dir / "config.yaml").is_file():
-                policy = load_policy(cfg, first.run_dir)
-                grid_rows.append((label, sample_images(policy, cfg, grid_prompts, progress=False)[0]))
-    references = [label for label in runs if configs[(label, spec.seeds[0])].method.name == "grpo"]
-    report, _ = compare_report(
-        results,
-        spec.metric,
-        out_dir / "report",
-        budget_nfe=spec.budget_nfe,
-        title=f"{spec.name}: {', '.join(runs)} at {spec.budget_nfe:,} forward-equivalents, seeds {spec.seeds}",
-        references=references,
-        grid_rows=grid_rows,
-        grid_prompts=grid_prompts,
+    summary = summarise(
+        results, spec.metric, reference=spec.reference, unit=spec.unit, target_share=spec.target_share
     )
-    parent.log_params({"compare.budget_nfe": spec.budget_nfe, "compare.seeds": str(spec.seeds),
-                       "compare.runs": ", ".join(runs), "compare.metric": spec.metric})  # fmt: skip
+    grid = sample_report_grid(
+        absolute_paths(spec.base), [(label, next((r.run_dir for r in results if r.label == label and r.usable), None))
+                                    for label in runs]
+    )  # fmt: skip
+    title = f"{spec.name}: {', '.join(runs)}, {len(spec.seeds)} seeds"
+    budget = f"Every run stopped once it had used {spec.budget_text()} (seeds {spec.seeds})."
+    extra = tuning_section(spec, chosen, tuning) if spec.tune is not None else []
+    report = write_report(
+        summary, results, out_dir / "report", title=title, budget=budget, grid=grid, extra=extra
+    )
+    parent.log_params({"compare.budget": json.dumps(spec.budget), "compare.seeds": str(spec.seeds),
+                       "compare.runs": ", ".join(runs), "compare.metric": spec.metric,
+                       "compare.reference": spec.reference, "compare.tuned": spec.tune is not None})  # fmt: skip
     parent.log_artifact(out_dir / "report", "report")
     parent.end("FAILED" if failed else "FINISHED")
     if failed:
         raise RuntimeError(
-            f"{len(failed)} of {len(records)} runs failed; the report covers the others: {report}"
+            f"{len(failed)} of {len(records)} runs failed (named in the report); the report covers the others: {report}"
         )
     return report
 

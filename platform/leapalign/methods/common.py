@@ -22,31 +22,32 @@ from leapalign.config import Config
 from leapalign.models.flux import FluxPolicy
 from leapalign.rewards.base import RewardFn, check_rewards
 from leapalign.sampling import VelocityFn
+from leapalign.streams import stream
 
 
 @dataclass
 class StepRandomness:
-    """Separate streams so that changing one choice (e.g. the pair law) keeps the others' draws.
+    """A method's random streams (leapalign.streams): changing one choice (e.g. the pair law) keeps the
+    others' draws, and no stream of one seed shares bits with any stream of another.
 
     noise: initial latents (and any re-noising); steps: which steps a method trains (leap pairs, ReFL's
-    t, DRTune's offsets, GRPO's SDE noise and timestep subsets).
+    t, DRTune's offsets, GRPO's timestep subsets and PPO shuffles); sde: GRPO's SDE noise.
 
     Global streams: every data-parallel rank holds the same streams (same seed) and draws for the GLOBAL
     batch (world_size x its own); `local` keeps this rank's rows. Step choices (leap pair, t) are one draw
     for the whole global batch. So 2 workers with batch B draw exactly what 1 worker with batch 2B draws,
-    and a checkpoint's streams fit any number of workers. One worker draws what it always drew.
+    and a checkpoint's streams fit any number of workers.
     """
 
     noise: torch.Generator
     steps: torch.Generator
+    sde: torch.Generator
     rank: int = 0
     world_size: int = 1
 
     @classmethod
     def seeded(cls, seed: int, rank: int = 0, world_size: int = 1) -> StepRandomness:
-        return cls(
-            torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1), rank, world_size
-        )
+        return cls(stream(seed, "noise"), stream(seed, "steps"), stream(seed, "sde"), rank, world_size)
 
     def local(self, global_batch: Tensor) -> Tensor:
         """This rank's rows of a tensor drawn for the global batch: [world_size * B, ...] -> [B, ...]."""
@@ -59,19 +60,20 @@ class StepRandomness:
         return self.local(draw)
 
     def rank_generator(self) -> torch.Generator:
-        """A generator of this rank's own (for draws not made for the global batch), seeded from `steps`.
+        """A generator of this rank's own (for draws not made for the global batch), seeded from `sde`.
 
-        Only with several workers (one worker keeps drawing from `steps` itself, as it always did).
+        Only with several workers (one worker draws from `sde` itself).
         """
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.steps).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.sde).item())
         return torch.Generator().manual_seed(seed + self.rank)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"noise": self.noise.get_state(), "steps": self.steps.get_state()}
+        return {"noise": self.noise.get_state(), "steps": self.steps.get_state(), "sde": self.sde.get_state()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.noise.set_state(state["noise"])
         self.steps.set_state(state["steps"])
+        self.sde.set_state(state["sde"])
 
 
 @dataclass
@@ -102,6 +104,8 @@ def decode_and_score(
     """
     images = policy.decode(latents, cfg.sampler.height, cfg.sampler.width)  # [B, 3, H, W] in [0, 1]
     rewards = reward_fn(images, list(prompts))  # [B]
+    if policy.meter is not None:  # the reward's backward (d r / d pixels) runs inside the call above
+        policy.meter.count_reward(len(prompts), backward=images.requires_grad and torch.is_grad_enabled())
     check_rewards(rewards, len(prompts), source=f"reward {cfg.reward.name!r}")
     rewards = rewards.float()
     # A weighted sum of rewards (rewards/configured.py) keeps each component's values; they ride on the

@@ -163,6 +163,11 @@ def rollout_with_leaps(
 # ----------------------------------------------------------------------------- weighting and loss
 
 
+def weight_cap(tau: float, mode: str) -> float | None:
+    """The largest similarity weight (both distances at the floor tau), or None for mode "none"."""
+    return {"both": 1.0 / (2 * tau), "d_j": 1.0 / tau, "d_0": 1.0 / tau}.get(mode)
+
+
 def similarity_weight(d_j: Tensor, d_0: Tensor, tau: float, mode: str = "both") -> Tensor:
     """w = 1 / (max(d_j, tau) + max(d_0, tau)) per sample, no grad (Eq. 11-12); w <= 1 / (2 tau).
 
@@ -286,9 +291,14 @@ def leapalign_loss(
         pair_metrics["leap/k"] = sum(k for k, _ in pairs) / len(pairs)
         pair_metrics["leap/j"] = sum(j for _, j in pairs) / len(pairs)
     loss = hinge_loss(rewards, weight, opts.hinge)
+    cap = weight_cap(opts.tau, opts.weighting)
+    # The share of samples whose weight sits at its cap (every distance below tau): there the weighting
+    # no longer tells near trajectories from far ones; a tau large for the latents' scale makes it ~1.
+    at_cap = {"weight/at_cap": (weight >= cap * (1 - 1e-6)).float().mean()} if cap is not None else {}
     return loss, {
         "loss": loss.detach(),
         **reward_metrics(rewards),
         **pair_metrics,
         "weight/mean": weight.mean(),
+        **at_cap,
     }

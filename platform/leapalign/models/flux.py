@@ -197,6 +197,12 @@ class FluxPolicy:
         )
         return latents.to(self.device), latent_image_ids.to(self.device)
 
+    def latent_image_ids(self, height: int, width: int) -> Tensor:
+        """The image tokens' RoPE ids [S, 3], as FluxPipeline.prepare_latents makes them."""
+        self.check_resolution(height, width)
+        rows, cols = height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2)
+        return self.pipe._prepare_latent_image_ids(1, rows, cols, self.device, torch.float32)
+
     # ------------------------------------------------------------------ model
 
     def autocast(self):
@@ -258,7 +264,8 @@ class FluxPolicy:
         unpacked = unpacked / config.scaling_factor + (config.shift_factor or 0.0)
         with self.autocast():
             images = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        return images if self.meter is None else self.meter.count_decode(images)
 
     @torch.no_grad()
     def generate(
@@ -269,12 +276,20 @@ class FluxPolicy:
         height: int,
         width: int,
         guidance_scale: float,
-        generator: torch.Generator,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
         max_sequence_length: int = 512,
     ) -> Tensor:
-        """Plain ODE sampling (no graph): images [B, 3, H, W] in [0, 1]."""
+        """Plain ODE sampling (no graph): images [B, 3, H, W] in [0, 1], from noise drawn from `generator`
+        or given as `latents` [B, S, C] (packed)."""
         cond = self.encode_prompts(prompts, max_sequence_length)
-        latents, image_ids = self.prepare_latents(len(prompts), height, width, generator)
+        if (generator is None) == (latents is None):
+            raise ValueError("generate: give either a generator or the initial latents")
+        if latents is None:
+            latents, image_ids = self.prepare_latents(len(prompts), height, width, generator)
+        else:
+            image_ids = self.latent_image_ids(height, width)
+            latents = latents.to(self.device)
         velocity = self.velocity_fn(cond, image_ids, guidance_scale)
         x0 = rollout(velocity, latents, self.sigmas(num_steps, height, width))
         return self.decode(x0, height, width)

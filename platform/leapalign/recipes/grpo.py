@@ -77,9 +77,9 @@ def group_rollout(
             len(prompts) * group * rng.world_size, height, width, rng.noise
         )
         noise = rng.local(noise)
-    # SDE noise: one worker draws from rng.steps as always; several draw from a stream of their own (seeded
-    # from the shared one), so ranks never share noise. Not rank-invariant like the initial noise (TODO).
-    sde_generator = rng.steps if rng.world_size == 1 else rng.rank_generator()
+    # SDE noise: one worker draws from the run's "sde" stream; several draw from a stream of their own
+    # (seeded from it), so ranks never share noise. Not rank-invariant like the initial noise.
+    sde_generator = rng.sde if rng.world_size == 1 else rng.rank_generator()
     num_steps = len(sigmas) - 1
     latents = torch.empty((num_steps + 1, *noise.shape), dtype=noise.dtype, device=noise.device)
     log_probs = torch.zeros(noise.shape[0], num_steps, dtype=torch.float32, device=noise.device)
@@ -187,6 +187,7 @@ def train_grpo(run: TrainingRun) -> None:
                         for part in chunks(batch, opts.micro_batch)
                     ]
                 )
+            run.meter.count_reward(batch, backward=False)
             try:
                 rewards, error = score_rewards(run.reward_fn, images, rollout.prompts).to(images.device), None
             except RewardError as err:

@@ -139,6 +139,12 @@ class CheckedReward:
         with torch.no_grad():
             return self(images, prompts)
 
+    def flops(self, images: Tensor, prompts: Sequence[str]) -> tuple[float, float]:
+        """(forward, backward) FLOPs per image (leapalign.costs)."""
+        from leapalign.costs import reward_flops
+
+        return reward_flops(self.reward, images.detach().to(wire_dtype(images.dtype)), list(prompts))
+
 
 class WeightedSum:
     """r = sum_i w_i r_i over labelled rewards; `last_components` holds the last call's r_i (detached)."""
@@ -172,6 +178,13 @@ class WeightedSum:
         """Values only, no graph."""
         with torch.no_grad():
             return self._combine(self._evaluate(images, prompts, values_only=True))
+
+    def flops(self, images: Tensor, prompts: Sequence[str]) -> tuple[float, float]:
+        """(forward, backward) FLOPs per image: every component's (each measures its own model)."""
+        from leapalign.costs import reward_flops
+
+        costs = [reward_flops(reward, images, list(prompts)) for _, reward in self.components.values()]
+        return sum(c[0] for c in costs), sum(c[1] for c in costs)
 
     def score_components(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
         """label -> r_i [B], values only: for advantages normalised per component."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from leapalign.config import Config
-from leapalign.evaluation import load_eval_prompts, load_policy, sample_images
+from leapalign.evaluation import load_eval_prompts, load_policy, noise_set, sample_images
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
 from leapalign.models.flux import FluxPolicy
@@ -40,8 +40,9 @@ class EvalResult:
 def evaluate_policy(policy: FluxPolicy, cfg: Config, prompts: list[str], desc: str = "eval") -> EvalResult:
     """Sample every prompt images_per_prompt times with the fixed evaluation noise and score them exactly."""
     images, all_prompts = sample_images(
-        policy, cfg, prompts, images_per_prompt=cfg.eval.images_per_prompt, desc=desc
-    )
+        policy, cfg, prompts, images_per_prompt=cfg.eval.images_per_prompt, desc=desc,
+        noise=noise_set(cfg.eval.prompts),
+    )  # fmt: skip
     scores = evaluate_batch(images.numpy(), all_prompts)
     return EvalResult(
         overall=float(scores["overall"]),

@@ -271,7 +271,8 @@ def evaluate_batch(images: Any, prompts: Sequence[Any]) -> dict[str, Any]:
 
     ``prompts`` holds strings or objects with a ``prompt`` attribute (e.g. `PromptRecord`).
     ``overall`` is GenEval's score: the mean of the per-category accuracies over the categories
-    present. ``image_accuracy`` is the plain fraction of correct images.
+    present. ``image_accuracy`` is the plain fraction of correct images. ``correct`` and ``category``
+    give each image's result, in order.
     """
     image_list = _split_batch(images)
     prompt_list = [getattr(prompt, "prompt", prompt) for prompt in prompts]
@@ -280,9 +281,12 @@ def evaluate_batch(images: Any, prompts: Sequence[Any]) -> dict[str, Any]:
     if not image_list:
         raise ValueError("cannot evaluate an empty batch")
     correct: dict[str, list[bool]] = {}
+    images_correct, images_category = [], []
     for image, prompt in zip(image_list, prompt_list, strict=True):
         result = evaluate_image(image, prompt)
         correct.setdefault(result["category"], []).append(result["correct"])
+        images_correct.append(bool(result["correct"]))
+        images_category.append(result["category"])
     per_category = {category: float(np.mean(values)) for category, values in correct.items()}
     total_correct = sum(sum(values) for values in correct.values())
     return {
@@ -291,4 +295,6 @@ def evaluate_batch(images: Any, prompts: Sequence[Any]) -> dict[str, Any]:
         "per_category": per_category,
         "per_category_n": {category: len(values) for category, values in correct.items()},
         "n": len(image_list),
+        "correct": images_correct,  # per image, in order (what paired statistics resample)
+        "category": images_category,
     }

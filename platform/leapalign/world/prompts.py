@@ -104,22 +104,33 @@ def _objects_json(parsed: ParsedCaption) -> str:
 
 
 def _build_split(
-    rng: np.random.Generator, n_rows: int, want_held_out: bool, held_out: frozenset[tuple[str, str]]
+    rng: np.random.Generator,
+    n_rows: int,
+    want_held_out: bool,
+    held_out: frozenset[tuple[str, str]],
+    exclude: frozenset[str] = frozenset(),
 ) -> pa.Table:
     columns: dict[str, list] = {name: [] for name in PROMPT_SCHEMA.names}
     for row in range(n_rows):
         category = CATEGORIES[row % len(CATEGORIES)]
+        fallback = None  # a scene that obeys the rule but repeats an excluded caption
         for _ in range(MAX_SPLIT_ATTEMPTS):
             row_seed = int(rng.integers(0, _MAX_ROW_SEED))
             scene = sample_scene(np.random.default_rng(row_seed), category)
             parsed = parse_caption(scene.caption)
             if mentions_held_out(parsed, held_out) == want_held_out:
-                break
+                if scene.caption not in exclude:
+                    break
+                fallback = fallback or (row_seed, scene, parsed)
         else:
-            raise RuntimeError(
-                f"no {category} scene satisfied the split rule in {MAX_SPLIT_ATTEMPTS} draws; "
-                "hold out fewer (or more) pairs"
-            )
+            if fallback is None:
+                raise RuntimeError(
+                    f"no {category} scene satisfied the split rule in {MAX_SPLIT_ATTEMPTS} draws; "
+                    "hold out fewer (or more) pairs"
+                )
+            # A category with few captions (single objects of a held-out pair: 4 captions) cannot avoid
+            # them all: the caption repeats, with a scene (seed) of its own.
+            row_seed, scene, parsed = fallback
         columns["prompt"].append(scene.caption)
         columns["category"].append(category)
         columns["seed"].append(row_seed)
@@ -151,6 +162,45 @@ def build_prompt_sets(
         train.replace_schema_metadata({"split": "train", "held_out_pairs": metadata_pairs}),
         evaluation.replace_schema_metadata({"split": "eval", "held_out_pairs": metadata_pairs}),
     )
+
+
+DEFAULT_N_VALIDATION = 600
+
+
+def build_validation_set(
+    seed: int, n_rows: int, evaluation: pa.Table, held_out_pairs: Sequence[tuple[str, str]] = HELD_OUT_PAIRS
+) -> pa.Table:
+    """A validation split for choosing hyperparameters: built like the eval split (every prompt mentions a
+    held-out pair) from its own seed stream, avoiding the captions of `evaluation` (the reported test split)
+    wherever its category has others (a single held-out object has only 4 captions: those repeat)."""
+    held_out = _check_held_out(held_out_pairs)
+    validation_seq = np.random.SeedSequence(seed).spawn(3)[2]  # children 0, 1: train and eval
+    exclude = frozenset(evaluation.column("prompt").to_pylist())
+    table = _build_split(np.random.default_rng(validation_seq), n_rows, True, held_out, exclude)
+    metadata = {"split": "validation", "held_out_pairs": json.dumps(sorted(held_out))}
+    return table.replace_schema_metadata(metadata)
+
+
+TEST_SPLITS = ("eval", "test")  # splits a search must never select on
+
+
+def prompt_split(path: str | os.PathLike[str]) -> str | None:
+    """The split a world prompt file declares in its Parquet metadata ("train", "validation", "eval"); the
+    path as given or relative to the installed package (shipped assets), like every prompt path."""
+    from leapalign.data import resolve_data_path
+
+    try:
+        source = resolve_data_path(str(path))
+    except FileNotFoundError:
+        return None
+    if source.suffix.lower() != ".parquet" or not source.is_file():
+        return None
+    try:
+        metadata = pq.read_schema(source).metadata or {}
+    except (pa.ArrowException, OSError):
+        return None
+    value = metadata.get(b"split")
+    return value.decode() if value else None
 
 
 def write_prompts(table: pa.Table, path: str | os.PathLike[str]) -> Path:
@@ -281,27 +331,32 @@ def make_prompt_files(
     seed: int = 0,
     n_train: int = DEFAULT_N_TRAIN,
     n_eval: int = DEFAULT_N_EVAL,
-) -> tuple[Path, Path]:
-    """Write ``train.parquet`` and ``eval.parquet`` into ``out_dir``; returns their paths.
+    n_validation: int = DEFAULT_N_VALIDATION,
+) -> tuple[Path, Path, Path]:
+    """Write ``train.parquet``, ``eval.parquet`` (the test split) and ``validation.parquet`` into
+    ``out_dir``; returns their paths.
 
-    Both tables are built completely before either file is written, and each write is atomic.
+    Every table is built completely before any file is written, and each write is atomic.
     """
     train, evaluation = build_prompt_sets(seed, n_train, n_eval)
+    validation = build_validation_set(seed, n_validation, evaluation)
     directory = Path(out_dir)
     train_path = write_prompts(train, directory / "train.parquet")
     eval_path = write_prompts(evaluation, directory / "eval.parquet")
-    return train_path, eval_path
+    validation_path = write_prompts(validation, directory / "validation.parquet")
+    return train_path, eval_path, validation_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m leapalign.world.prompts --out-dir DIR [--seed S --n-train N --n-eval M]``."""
-    parser = argparse.ArgumentParser(description="Write miniature-world train/eval prompt files.")
-    parser.add_argument("--out-dir", required=True, help="directory for train.parquet and eval.parquet")
+    parser = argparse.ArgumentParser(description="Write miniature-world train/eval/validation prompt files.")
+    parser.add_argument("--out-dir", required=True, help="directory for train/eval/validation .parquet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN)
     parser.add_argument("--n-eval", type=int, default=DEFAULT_N_EVAL)
+    parser.add_argument("--n-validation", type=int, default=DEFAULT_N_VALIDATION)
     args = parser.parse_args(argv)
-    for written in make_prompt_files(args.out_dir, args.seed, args.n_train, args.n_eval):
+    for written in make_prompt_files(args.out_dir, args.seed, args.n_train, args.n_eval, args.n_validation):
         print(written)
     return 0
 
