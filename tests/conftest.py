@@ -72,7 +72,12 @@ def local_ray(**init_kwargs):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        context = ray.init(address="local", num_cpus=2, include_dashboard=False, **init_kwargs)
+        try:
+            context = ray.init(address="local", num_cpus=2, include_dashboard=False, **init_kwargs)
+        except Exception as err:  # a node start that timed out on a loaded machine: one more, once
+            print(f"local_ray: Ray did not start ({type(err).__name__}: {err}); trying once more")
+            ray.shutdown()
+            context = ray.init(address="local", num_cpus=2, include_dashboard=False, **init_kwargs)
         try:
             ip = context.address_info["node_ip_address"]
             assert ip == "127.0.0.1", f"Ray bound to {ip}, expected 127.0.0.1 only"

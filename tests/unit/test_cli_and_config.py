@@ -27,7 +27,9 @@ def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 def test_two_step_cli_run_gives_exact_losses(tiny_flux_dir, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out, **{"train.iterations": 2}))
+    # One process: the Ray path gives the same numbers (tests/integration/test_ray_train.py).
+    overrides = tiny_overrides(tiny_flux_dir, out, **{"train.iterations": 2, "ray.enabled": "false"})
+    proc = run_cli("train", str(TINY_CONFIG), *overrides)
     assert proc.returncode == 0, f"CLI failed: {proc.stderr[-2000:]}"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
