@@ -226,7 +226,9 @@ class GRPOConfig:
     std_scope: str = "batch"  # advantage std over the gathered batch (Flow-GRPO) or per group (DanceGRPO)
     adv_clip: float = 5.0  # advantages clamped to +-adv_clip; > 0
     clip_range: float = 1e-4  # PPO ratio clip eps; > 0 (Flow-GRPO 1e-4, Fast 1e-5)
-    kl_beta: float = 0.0  # weight of the KL to the reference policy (LoRA with the adapter off); >= 0
+    kl_beta: float = (
+        0.0  # KL to the reference (LoRA adapter off), Flow-GRPO's: mean (mu - mu_ref)^2 / 2g^2; >= 0
+    )
     train_fraction: float = (
         0.99  # flow_grpo: first int(f N) steps trained; dance_grpo: round(f N) random steps; (0, 1]
     )
@@ -235,6 +237,10 @@ class GRPOConfig:
     updates_per_rollout: int = 1  # optimizer steps per rollout batch (the samples are split among them); >= 1
     micro_batch: int = (
         0  # images per transformer call when sampling and training; 0 = the whole rollout batch
+    )
+    ratio: str = "standard"  # PPO importance ratio: standard | guard (GRPO-Guard's step-normalised ratio)
+    advantages: str = (
+        "total"  # total (the summed reward's) | per_component (each reward in its group; MixGRPO)
     )
 
     def __post_init__(self) -> None:
@@ -267,6 +273,13 @@ class GRPOConfig:
         )
         _check(
             self.micro_batch >= 0, f"method.grpo.micro_batch={self.micro_batch}: use >= 0 (0 = all at once)"
+        )
+        _check(
+            self.ratio in ("standard", "guard"), f"method.grpo.ratio={self.ratio!r}: choose standard or guard"
+        )
+        _check(
+            self.advantages in ("total", "per_component"),
+            f"method.grpo.advantages={self.advantages!r}: choose total or per_component",
         )
 
 
@@ -601,6 +614,12 @@ class Config:
                 self.finetune.mode == "lora",
                 "method.grpo.kl_beta > 0 needs finetune.mode=lora: the reference policy is the same network with "
                 "the adapter disabled (full fine-tuning would need a second copy of the transformer)",
+            )
+        if self.method.name == "grpo" and self.method.grpo.advantages == "per_component":
+            _check(
+                self.reward.name == RewardConfig.WEIGHTED_SUM,
+                "method.grpo.advantages=per_component normalises each reward of a weighted sum: set reward.name="
+                "weighted_sum with its components (or use advantages=total)",
             )
         if self.method.name == "grpo":
             images = self.train.batch_size * self.method.grpo.group_size

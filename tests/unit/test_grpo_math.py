@@ -11,7 +11,9 @@ from torch.distributions import Normal, kl_divergence
 
 from leapalign.methods.grpo import (
     SDE_KINDS,
+    diffusion_coefficient,
     group_advantages,
+    guard_log_ratio,
     kl_to_reference,
     plan_steps,
     ppo_clipped_loss,
@@ -464,29 +466,35 @@ def test_plan_mixgrpo_window_slides_and_stops():
         assert window == list(range(window[0], window[0] + 3)), f"window {window} is not 3 consecutive steps"
         assert torch.equal(plan.train, plan.sde.expand(3, 6)), "mixgrpo trains exactly its window"
         starts.append(window[0])
-    # one step later every 2 iterations, stopping at N - window_size = 3
-    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3], f"window starts {starts}"
-    shifted = _plan("mixgrpo", iteration=2, window_size=2, window_shift_every=1, window_shift=2)
-    assert shifted.sde.nonzero().flatten().tolist() == [4, 5], "window_shift=2 at iteration 2 starts at 4"
+    # one step later every 2 iterations, stopping at N - 2 - window_size = 1: MixGRPO's max_timesteps = N - 2,
+    # the window never covers the last two steps
+    assert starts == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], f"window starts {starts}"
+    shifted = _plan("mixgrpo", iteration=1, window_size=2, window_shift_every=1, window_shift=2)
+    assert shifted.sde.nonzero().flatten().tolist() == [2, 3], "window_shift=2 at iteration 1 starts at 2"
+    late = _plan("mixgrpo", num_steps=25, iteration=10_000, window_size=4, window_shift_every=25)
+    assert late.sde.nonzero().flatten().tolist() == [19, 20, 21, 22], (
+        "MixGRPO's 25 steps: the window ends at 22"
+    )
 
 
 def test_plan_dance_grpo_random_subsets():
     plan = _plan("dance_grpo", batch_size=8, train_fraction=0.6, seed=3)
     _check_plan(plan, 6, 8, "dance_grpo")
     assert plan.sde.all(), "dance_grpo: every step is an SDE step"
-    assert (plan.train.sum(dim=1) == 4).all(), (
-        f"round(0.6 * 6) = 4 steps each, got {plan.train.sum(1).tolist()}"
+    assert (plan.train.sum(dim=1) == 3).all(), (
+        f"int(0.6 * (6 - 1)) = 3 steps each (DanceGRPO's int, over N - 1), got {plan.train.sum(1).tolist()}"
     )
+    assert not plan.train[:, -1].any(), "DanceGRPO never trains its last step"
     assert len({tuple(row) for row in plan.train.tolist()}) > 1, "samples must draw their own subsets"
     again = _plan("dance_grpo", batch_size=8, train_fraction=0.6, seed=3)
     assert torch.equal(plan.train, again.train), "same seed must give the same subsets"
     other = _plan("dance_grpo", batch_size=8, train_fraction=0.6, seed=4)
     assert not torch.equal(plan.train, other.train), "another seed must give other subsets"
-    # uniform: each step is trained with probability 4 / 6 (5 standard errors of a frequency over 20k rows)
+    # uniform over the first 5 steps: each trained with probability 3 / 5 (5 standard errors over 20k rows)
     freq = _plan("dance_grpo", batch_size=20_000, train_fraction=0.6).train.double().mean(dim=0)
-    tol = 5 * math.sqrt((2 / 3) * (1 / 3) / 20_000)
-    assert ((freq - 2 / 3).abs() < tol).all(), (
-        f"per-step training frequency {freq.tolist()} != 2/3 (tol {tol:.3f})"
+    tol = 5 * math.sqrt((3 / 5) * (2 / 5) / 20_000)
+    assert ((freq[:-1] - 3 / 5).abs() < tol).all() and freq[-1] == 0, (
+        f"per-step training frequency {freq.tolist()} != 3/5 on steps 0-4, 0 on the last (tol {tol:.3f})"
     )
 
 
@@ -512,7 +520,7 @@ def test_plan_fast_window_lies_in_the_first_half(num_steps, window_size):
         ("grpo", {}, "unknown GRPO variant"),
         ("flow_grpo", {"train_fraction": 0.0}, "train_fraction"),
         ("dance_grpo", {"train_fraction": 1.5}, "train_fraction"),
-        ("mixgrpo", {"window_size": 7}, "window_size"),
+        ("mixgrpo", {"window_size": 5}, "never covers the last two steps"),
         ("mixgrpo", {"window_size": 2, "window_shift_every": 0}, "window_shift_every"),
         ("fast", {"window_size": 4}, "first half"),
         ("flow_grpo", {"num_steps": 0}, "num_steps"),
@@ -522,3 +530,49 @@ def test_plan_fast_window_lies_in_the_first_half(num_steps, window_size):
 def test_plan_rejects_bad_inputs(variant, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _plan(variant, **kwargs)
+
+
+# ----------------------------------------------------------------------------- 8. the reference codes' details
+
+
+def test_dance_grpo_std_is_bessel_corrected():
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0], dtype=F64)  # two groups of 2
+    population = group_advantages(rewards, 2, std_scope="group", correction=0)
+    bessel = group_advantages(rewards, 2, std_scope="group", correction=1)
+    # group 1: deviations -1, +1; population std 1, Bessel std sqrt(2); group 2 all equal: exactly 0
+    assert torch.allclose(population, torch.tensor([-1 / 1.0001, 1 / 1.0001, 0, 0], dtype=F64)), population
+    root2 = math.sqrt(2) + 1e-4
+    assert torch.allclose(bessel, torch.tensor([-1 / root2, 1 / root2, 0, 0], dtype=F64)), bessel
+
+
+def test_guard_log_ratio_is_the_noise_projection():
+    g = torch.Generator().manual_seed(0)
+    old_mean = torch.randn(3, 5, 2, dtype=F64, generator=g)
+    mean = (old_mean + 0.01 * torch.randn(3, 5, 2, dtype=F64, generator=g)).requires_grad_(True)
+    std = torch.tensor(0.05, dtype=F64)
+    eps = torch.randn(3, 5, 2, dtype=F64, generator=g)
+    x_next = old_mean + std * eps
+
+    def log_prob(m):  # the Gaussian log-density averaged over dims, as sde_step computes it
+        return (
+            (-((x_next - m) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi))
+            .flatten(1)
+            .mean(1)
+        )
+
+    ratio = guard_log_ratio(log_prob(mean), log_prob(old_mean), mean, old_mean, std)
+    by_hand = (eps * (mean - old_mean)).flatten(1).mean(1)  # (lp - lp_old) s + mse / 2s, expanded
+    assert torch.allclose(ratio, by_hand, atol=1e-12), f"{ratio.tolist()} vs {by_hand.tolist()}"
+    assert torch.equal(guard_log_ratio(log_prob(old_mean), log_prob(old_mean), old_mean, old_mean, std),
+                       torch.zeros(3, dtype=F64)), "the rollout policy itself: ratio 1"  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,noise_level", [("flow_grpo", 0.7), ("dance_grpo", 0.3)])
+def test_diffusion_coefficient_is_flow_grpos_kl_scale(kind, noise_level):
+    x = torch.randn(2, 4, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(2, 4, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    sigma, s = _scalar(0.6), _scalar(0.45)
+    step = sde_step(kind, x, v, sigma, s, noise_level, generator=torch.Generator().manual_seed(3))
+    g = diffusion_coefficient(step, sigma, s)
+    want = noise_level * math.sqrt(0.6 / 0.4) if kind == "flow_grpo" else noise_level
+    assert float(g) == pytest.approx(want, rel=1e-12), f"{kind}: g {float(g)} vs {want}"

@@ -246,9 +246,8 @@ def test_grpo_variants_update_and_move_the_weights(tiny_flux_dir, tmp_path, vari
     cfg = grpo_cfg(tiny_flux_dir, tmp_path / variant, **extra)
     history = train(cfg, reward_fn=ColorMatch(), progress=False).history
     assert history[0]["skipped"] == 0.0 and history[0]["grad_norm"] > 0, f"{variant}: {history[0]}"
-    expected = {"flow_grpo": 9, "dance_grpo": 10, "mixgrpo": 2, "fast": 2}[
-        variant
-    ]  # int(.99 N), round(.99 N), W, W
+    # int(.99 N), int(.99 (N - 1)) (DanceGRPO never trains its last step), W, W
+    expected = {"flow_grpo": 9, "dance_grpo": 8, "mixgrpo": 2, "fast": 2}[variant]
     assert history[0]["grpo/trained_steps"] == expected, (
         f"{variant}: trained steps {history[0]['grpo/trained_steps']}"
     )

@@ -331,6 +331,7 @@ RAY_NOISE = (
     "Token authentication is enabled for this Ray cluster",  # our private cluster sets it up itself
     "Started Serve in namespace",
     "Connecting to existing Serve app",
+    "PYTHON worker processes have been started",  # the raylet, when Tune starts trials, controllers, workers
 )
 
 
@@ -349,6 +350,19 @@ def quiet_ray_console() -> None:
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(noise)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # The raylet's warnings reach the driver through its error channel, printed without a logger.
+    import ray._private.worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    if not getattr(printer, "leapalign_filtered", False):
+
+        def print_without_noise(data, ignore_prefix: bool = False):
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+            if lines:
+                printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+        print_without_noise.leapalign_filtered = True
+        ray_worker.print_to_stdstream = print_without_noise
 
 
 def check_cluster(cfg: Config, private: bool) -> None:

@@ -33,10 +33,12 @@ def update_nfe_range(cfg) -> tuple[int, int]:
     if name == "grpo":
         trained = {
             "flow_grpo": max(1, int(opts.train_fraction * n)),
-            "dance_grpo": max(1, round(opts.train_fraction * n)),
-            "mixgrpo": min(opts.window_size, n),
+            "dance_grpo": max(1, int(opts.train_fraction * (n - 1))),  # never its last step
+            "mixgrpo": min(opts.window_size, n - 2),  # never the last two steps
             "fast": opts.window_size,
         }[opts.variant]
+        if opts.sde == "cps" and opts.variant == "flow_grpo":
+            trained = min(trained, n - 1)  # CPS's last step is deterministic: never trained
         per_image = n + trained * (1 + bw + (1 if opts.kl_beta > 0 else 0))
         cost = cfg.train.batch_size * opts.group_size * per_image
         return cost, cost

@@ -192,13 +192,20 @@ def sde_step(
 
 
 def group_advantages(
-    rewards: Tensor, group_size: int, *, std_scope: str = "group", eps: float = 1e-4, clip: float = 5.0
+    rewards: Tensor,
+    group_size: int,
+    *,
+    std_scope: str = "group",
+    eps: float = 1e-4,
+    clip: float = 5.0,
+    correction: int = 0,
 ) -> Tensor:
     """A_b = clamp((r_b - mean_{g(b)} r) / (std + eps), -clip, clip): [B], no graph.
 
     rewards [B] with B = num_groups * group_size; consecutive samples form a group (one prompt).
-    std_scope "group": the population std of b's own group (DanceGRPO); "batch": the population std of
-    the whole given batch (Flow-GRPO's default; pass the rewards gathered from every worker).
+    std_scope "group": the std of b's own group (DanceGRPO); "batch": the std of the whole given batch
+    (Flow-GRPO's default; pass the rewards gathered from every worker). correction: 0 for the population
+    std (Flow-GRPO's np.std), 1 for Bessel's (DanceGRPO's torch.std).
     Computed in float64 around each group's first reward, so equal rewards give exactly 0 (a plain
     r - mean(r) is not exact: mean([0.1] * 3) != 0.1 in floating point).
     """
@@ -219,15 +226,19 @@ def group_advantages(
     shifted = grouped - grouped[:, :1]  # exactly 0 within a group of equal rewards
     centered = shifted - shifted.mean(dim=1, keepdim=True)  # [G, K]
     if std_scope == "group":
-        std = shifted.std(dim=1, keepdim=True, correction=0)  # [G, 1]
+        std = shifted.std(dim=1, keepdim=True, correction=correction)  # [G, 1]
     else:
-        std = rewards.detach().double().std(correction=0)  # []
+        std = rewards.detach().double().std(correction=correction)  # []
     advantages = (centered / (std + eps)).clamp(-clip, clip).flatten()  # [B]
     return advantages.to(torch.promote_types(rewards.dtype, torch.float32))
 
 
 def ppo_clipped_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_range: float,
+    log_ratio: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO's clipped surrogate for one trained step, as Flow-GRPO and DanceGRPO write it.
 
@@ -239,6 +250,8 @@ def ppo_clipped_loss(
     [1 - eps, 1 + eps] on the side that would increase the surrogate further, that sample's gradient
     is 0. Metrics: grpo/ratio_mean, grpo/clip_frac (share with |ratio - 1| > eps), grpo/approx_kl
     (0.5 mean (log_prob - old_log_prob)^2). The metrics are .item()s: one CPU-GPU sync per call.
+    log_ratio: another log ratio [B] with a graph (GRPO-Guard's, `guard_log_ratio`) in place of
+    log_prob - old_log_prob.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range={clip_range} must be > 0 (Flow-GRPO uses 1e-4, Fast 1e-5)")
@@ -248,7 +261,8 @@ def ppo_clipped_loss(
             f"advantages {tuple(advantages.shape)} must have the same shape [B]"
         )
     advantages = advantages.detach()
-    log_ratio = log_prob - old_log_prob.detach()  # [B]
+    if log_ratio is None:
+        log_ratio = log_prob - old_log_prob.detach()  # [B]
     ratio = torch.exp(log_ratio)  # [B]
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -260,6 +274,26 @@ def ppo_clipped_loss(
             "grpo/approx_kl": (0.5 * log_ratio**2).mean().item(),
         }
     return loss, metrics
+
+
+def diffusion_coefficient(step: SDEStep, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """g of the step, std / sqrt(sigma - sigma_next): what Flow-GRPO divides its KL by (so a beta means what
+    the papers' beta means), a sqrt(sigma / (1 - sigma)) for flow_grpo, eta for dance_grpo."""
+    dt = torch.as_tensor(sigma, dtype=step.std.dtype) - torch.as_tensor(sigma_next, dtype=step.std.dtype)
+    return step.std / torch.sqrt(dt)
+
+
+def guard_log_ratio(
+    log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor
+) -> Tensor:
+    """GRPO-Guard's step-normalised log importance ratio [B] (Flow-Factory's GRPOGuardTrainer):
+
+        log r = (log_prob - old_log_prob) * s + mean_dims (mean - old_mean)^2 / (2 s),   s = the step's std
+
+    With x_next = old_mean + s eps this is exactly mean_dims eps (mean - old_mean): a ratio whose size does
+    not grow as 1/s at the small-std steps (where the standard ratio's log-density difference explodes)."""
+    mse = ((mean - old_mean.detach()) ** 2).flatten(1).mean(dim=1)  # [B]
+    return (log_prob - old_log_prob.detach()) * std + mse / (2 * std)
 
 
 def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
@@ -298,22 +332,47 @@ def plan_steps(
     window_size: int,
     window_shift_every: int,
     window_shift: int = 1,
+    last_step_stochastic: bool = True,
 ) -> StepPlan:
     """The SDE and trained steps of an N-step rollout of B samples, per GRPO variant.
 
       flow_grpo   all SDE; train steps 0 .. int(f N) - 1, the same for every sample (Flow-GRPO: f = 0.99,
                   i.e. all but the last step)
-      dance_grpo  all SDE; each sample trains its own random max(1, round(f N)) distinct steps
-                  (DanceGRPO: f = 0.6), drawn from `generator`
+      dance_grpo  all SDE; each sample trains its own random max(1, int(f (N - 1))) distinct steps among the
+                  first N - 1 (DanceGRPO: f = 0.6; its last step is never trained), drawn from `generator`
       mixgrpo     SDE and trained only in the window [start, start + window_size) with
-                  start = min((iteration // window_shift_every) * window_shift, N - window_size);
-                  ODE before and after (MixGRPO: 25 steps, window 4, one step later every 25 iterations)
+                  start = min((iteration // window_shift_every) * window_shift, N - 2 - window_size): the
+                  window never covers the last two steps (MixGRPO's max_timesteps = N - 2); ODE before and
+                  after (MixGRPO: 25 steps, window 4, one step later every 25 iterations)
       fast        Flow-GRPO-Fast: SDE and trained only in a window of window_size (2 or 3) steps whose
                   start is uniform in [0, N // 2 - window_size], so the window lies in the first half;
                   one window per rollout, drawn from `generator`
 
     Arguments a variant does not use are not checked; `generator` is consumed only by dance_grpo and fast.
+    last_step_stochastic=False (CPS: at sigma_next = 0 its std is 0, the step is Euler's and has no
+    log-density) makes the last step an untrained ODE step in every variant.
     """
+    plan = _plan_steps(variant, num_steps, batch_size, iteration=iteration, generator=generator,
+                       train_fraction=train_fraction, window_size=window_size,
+                       window_shift_every=window_shift_every, window_shift=window_shift)  # fmt: skip
+    if not last_step_stochastic:
+        plan.sde[-1] = False
+        plan.train[:, -1] = False
+    return plan
+
+
+def _plan_steps(
+    variant: str,
+    num_steps: int,
+    batch_size: int,
+    *,
+    iteration: int,
+    generator: torch.Generator,
+    train_fraction: float,
+    window_size: int,
+    window_shift_every: int,
+    window_shift: int,
+) -> StepPlan:
     if variant not in PLAN_VARIANTS:
         raise ValueError(f"unknown GRPO variant {variant!r}: use one of {PLAN_VARIANTS}")
     if num_steps < 1 or batch_size < 1:
@@ -333,22 +392,28 @@ def plan_steps(
             train_row[: max(1, int(train_fraction * num_steps))] = True  # Flow-GRPO trains the first steps
             train = train_row.expand(batch_size, num_steps).clone()  # [B, N]
         else:
-            num_train = max(1, round(train_fraction * num_steps))
-            # a uniform random subset per sample: the first num_train of a random permutation
-            order = torch.rand(batch_size, num_steps, generator=generator).argsort(dim=1)  # [B, N]
+            # DanceGRPO (train_grpo_flux.py): the last step is never a candidate; int((N - 1) f) of the
+            # other N - 1, a uniform random subset per sample (the first of a random permutation).
+            candidates = max(1, num_steps - 1)
+            num_train = max(1, int(train_fraction * candidates))
+            order = torch.rand(batch_size, candidates, generator=generator).argsort(dim=1)  # [B, N - 1]
             train = torch.zeros(batch_size, num_steps, dtype=torch.bool)
             train.scatter_(1, order[:, :num_train], True)
         return StepPlan(sde=sde, train=train)
 
     if variant == "mixgrpo":
-        if not 1 <= window_size <= num_steps:
-            raise ValueError(f"window_size={window_size} must be in [1, num_steps={num_steps}]")
+        last = num_steps - 2  # MixGRPO's max_timesteps: the window never covers the last two steps
+        if num_steps < 3 or not 1 <= window_size <= last:
+            raise ValueError(
+                f"window_size={window_size} must be in [1, num_steps - 2 = {last}] (num_steps >= 3): MixGRPO's "
+                "window never covers the last two steps"
+            )
         if window_shift_every < 1 or window_shift < 0:
             raise ValueError(
                 f"window_shift_every={window_shift_every} must be >= 1 and window_shift={window_shift} >= 0 "
                 "(the window moves window_shift steps later every window_shift_every iterations)"
             )
-        start = min((iteration // window_shift_every) * window_shift, num_steps - window_size)
+        start = min((iteration // window_shift_every) * window_shift, last - window_size)
     else:  # fast
         half = num_steps // 2
         if not 1 <= window_size <= half:

@@ -26,7 +26,9 @@ from leapalign.evaluation import score_rewards
 from leapalign.methods.common import StepRandomness
 from leapalign.methods.grpo import (
     StepPlan,
+    diffusion_coefficient,
     group_advantages,
+    guard_log_ratio,
     kl_to_reference,
     plan_steps,
     ppo_clipped_loss,
@@ -47,6 +49,8 @@ class GroupRollout:
     latents: Tensor  # [N + 1, B, S, C] x_{sigma_0} ... x_0
     log_probs: Tensor  # [B, N] rollout log-prob of x_{t+1} at SDE steps (0 elsewhere)
     plan: StepPlan
+    x0_hat: Tensor  # [B, S, C] the last step's prediction x_{N-1} - sigma_{N-1} v (DanceGRPO decodes it)
+    means: Tensor | None = None  # [N, B, S, C] the rollout policy's step means (GRPO-Guard's mean_old)
 
 
 def chunks(total: int, size: int) -> list[slice]:
@@ -83,6 +87,8 @@ def group_rollout(
     num_steps = len(sigmas) - 1
     latents = torch.empty((num_steps + 1, *noise.shape), dtype=noise.dtype, device=noise.device)
     log_probs = torch.zeros(noise.shape[0], num_steps, dtype=torch.float32, device=noise.device)
+    means = torch.zeros_like(latents[1:]) if opts.ratio == "guard" else None
+    x0_hat = torch.empty_like(noise)
     latents[0] = noise
     for part in chunks(noise.shape[0], opts.micro_batch):
         # Eager like the update's recomputation: the rollout's log-probs must come from the same kernels.
@@ -101,11 +107,16 @@ def group_rollout(
                 generator=sde_generator,
                 **{**sde_kwargs(cfg, sigmas), "noise_level": level},
             )
+            if t == num_steps - 1:
+                x0_hat[part] = x - sigmas[t] * velocity.to(x.dtype)
             x = step.prev_sample
             latents[t + 1, part] = x
+            if means is not None:
+                means[t, part] = step.mean.to(means.dtype)
             if step.log_prob is not None:
                 log_probs[part, t] = step.log_prob.float()
-    return GroupRollout([p for p in prompts for _ in range(group)], cond, image_ids, latents, log_probs, plan)
+    prompts_out = [p for p in prompts for _ in range(group)]
+    return GroupRollout(prompts_out, cond, image_ids, latents, log_probs, plan, x0_hat, means)
 
 
 @contextmanager
@@ -142,8 +153,14 @@ def ppo_update(
                 latents=x_t, velocity=velocity, sigma=sigmas[t], sigma_next=sigmas[t + 1], prev_sample=x_next,
                 **sde_kwargs(cfg, sigmas),
             )  # fmt: skip
+            old_log_prob = rollout.log_probs[index, t]
+            log_ratio = None
+            if opts.ratio == "guard":  # GRPO-Guard: the step-normalised ratio
+                log_ratio = guard_log_ratio(
+                    step.log_prob, old_log_prob, step.mean, rollout.means[t, index], step.std
+                )
             loss, step_metrics = ppo_clipped_loss(
-                step.log_prob, rollout.log_probs[index, t], advantages[index], opts.clip_range
+                step.log_prob, old_log_prob, advantages[index], opts.clip_range, log_ratio=log_ratio
             )
             if opts.kl_beta > 0:
                 with torch.no_grad(), reference_policy(policy):
@@ -154,12 +171,30 @@ def ppo_update(
                     latents=x_t, velocity=ref_velocity, sigma=sigmas[t], sigma_next=sigmas[t + 1],
                     prev_sample=x_next, **sde_kwargs(cfg, sigmas),
                 ).mean  # fmt: skip
-                kl = kl_to_reference(step.mean, ref_mean, step.std).mean()
+                # Flow-GRPO's KL: divided by g^2 (not the step's variance g^2 |dt|), so kl_beta means theirs.
+                g = diffusion_coefficient(step, sigmas[t], sigmas[t + 1])
+                kl = kl_to_reference(step.mean, ref_mean, g).mean()
                 loss = loss + opts.kl_beta * kl
                 step_metrics["grpo/kl"] = float(kl.detach())
             (loss * (len(index) / total)).backward()
             metrics.append({"loss": float(loss.detach()), **step_metrics})
     return metrics
+
+
+def grpo_advantages(dist, rewards: Tensor, components: dict[str, Tensor] | None, opts, reward_fn) -> Tensor:
+    """Advantages of every rank's images [world B]: of the summed reward, or (advantages: per_component, as
+    MixGRPO does for several rewards) each component's own group-normalised advantage, weighted by its
+    weight in the sum. DanceGRPO's std is Bessel-corrected (torch.std), Flow-GRPO's the population one."""
+    kwargs = dict(
+        std_scope=opts.std_scope, clip=opts.adv_clip, correction=1 if opts.variant == "dance_grpo" else 0
+    )
+    if components is None:
+        return group_advantages(dist.all_gather(rewards.float()), opts.group_size, **kwargs)
+    total = None
+    for label, (weight, _) in reward_fn.components.items():
+        part = weight * group_advantages(dist.all_gather(components[label]), opts.group_size, **kwargs)
+        total = part if total is None else total + part
+    return total
 
 
 def train_grpo(run: TrainingRun) -> None:
@@ -175,21 +210,29 @@ def train_grpo(run: TrainingRun) -> None:
             plan = plan_steps(
                 opts.variant, num_steps, batch, iteration=step, generator=run.rng.steps,
                 train_fraction=opts.train_fraction, window_size=opts.window_size,
-                window_shift_every=opts.window_shift_every,
+                window_shift_every=opts.window_shift_every, last_step_stochastic=opts.sde != "cps",
             )  # fmt: skip
             rollout = group_rollout(run.policy, prompts, cfg, run.sigmas, run.rng, plan)
         # 3. Rewards: values only; all ranks vote before any backward.
         with run.timer.phase("reward"):
+            # DanceGRPO scores the last step's x0 prediction (its final SDE step adds noise); the others
+            # the final sample.
+            final = rollout.x0_hat if opts.variant == "dance_grpo" else rollout.latents[-1]
             with torch.no_grad():
                 images = torch.cat(
                     [
-                        run.policy.decode(rollout.latents[-1, part], cfg.sampler.height, cfg.sampler.width)
+                        run.policy.decode(final[part], cfg.sampler.height, cfg.sampler.width)
                         for part in chunks(batch, opts.micro_batch)
                     ]
                 )
             run.meter.count_reward(batch, backward=False)
             try:
                 rewards, error = score_rewards(run.reward_fn, images, rollout.prompts).to(images.device), None
+                components = None
+                if opts.advantages == "per_component":  # MixGRPO: each reward normalised in its group
+                    components = {
+                        k: v.float().to(images.device) for k, v in run.reward_fn.last_components.items()
+                    }
             except RewardError as err:
                 rewards, error = None, str(err)
         if not dist.all_true(error is None):
@@ -198,10 +241,9 @@ def train_grpo(run: TrainingRun) -> None:
                 break
             continue
         # 4. Advantages: group means here, std over every rank's batch ("batch") or per group.
-        gathered = dist.all_gather(rewards.float())
-        advantages = group_advantages(
-            gathered, opts.group_size, std_scope=opts.std_scope, clip=opts.adv_clip
-        ).to(rewards.device)[dist.rank * batch : (dist.rank + 1) * batch]  # [B]
+        advantages = grpo_advantages(dist, rewards, components, opts, run.reward_fn)[
+            dist.rank * batch : (dist.rank + 1) * batch
+        ].to(rewards.device)  # [B]
         # 5. PPO updates: the batch, shuffled, in updates_per_rollout optimizer steps.
         order = torch.randperm(batch, generator=run.rng.steps).to(rewards.device)
         updates, step_metrics = [], []
