@@ -11,4 +11,8 @@ export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
 # A loaded 2-core machine can take over Ray Train's default 60 s to start a worker group.
 export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=300
-exec .venv/bin/python -m pytest -q "$@"
+# One token for every Ray cluster the tests start (none is written to ~/.ray: two test processes would race).
+export RAY_AUTH_TOKEN="${RAY_AUTH_TOKEN:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(32))')}"
+# Two test processes, a file each at a time (a module's Ray cluster stays in its process); the slowest
+# tests are listed at the end.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
