@@ -13,6 +13,6 @@ export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
 export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=300
 # One token for every Ray cluster the tests start (none is written to ~/.ray: two test processes would race).
 export RAY_AUTH_TOKEN="${RAY_AUTH_TOKEN:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(32))')}"
-# Two test processes, a file each at a time (a module's Ray cluster stays in its process); the slowest
-# tests are listed at the end.
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
+# Two test processes: tests one by one, except that a module with a module-scoped Ray cluster stays in one
+# process (its xdist_group); the slowest tests are listed at the end.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@"

@@ -204,7 +204,7 @@ def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
             "eval.prompts": "assets/prompts/world/eval.parquet",
         },  # fmt: skip
         "budget_nfe": 400,
-        "seeds": [0, 1],
+        "seeds": [0],  # the statistics over seeds are checked by hand in tests/unit/test_comparison.py
         "metric": "eval/overall",
         "runs": {
             "LeapAlign": {"method.name": "leapalign"},
@@ -230,7 +230,7 @@ def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
             "tuning trials score on the validation split with the tuning seed"
         )
     finals = list((out / "runs").iterdir())
-    assert len(finals) == 4, f"2 methods x 2 seeds: {finals}"
+    assert len(finals) == 2, f"2 methods x 1 seed: {finals}"
     for run in finals:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         label = "GRPO" if cfg["method"]["name"] == "grpo" else "LeapAlign"

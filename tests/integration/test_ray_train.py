@@ -23,6 +23,9 @@ from leapalign.distributed.ray_train import FAULT_MARKER_ENV, FAULT_STEP_ENV, ru
 from leapalign.train import train
 from tests.conftest import REPO, TINY_CONFIG, local_ray, tiny_overrides
 
+# One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_ray_train")
+
 BASELINE_STEPS = 6
 # Smaller sample grids (they never touch the training draws) and half a CPU per worker (2 cores).
 FAST = {"train.num_samples": 1, "sampler.eval_num_steps": 2, "ray.cpus_per_worker": 0.5}

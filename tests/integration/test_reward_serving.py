@@ -34,6 +34,9 @@ from leapalign.rewards.base import RewardError
 from leapalign.rewards.configured import CheckedReward, WeightedSum, build_configured_reward
 from tests.conftest import TINY_CONFIG, local_ray, tiny_overrides
 
+# One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_reward_serving")
+
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red cube", "a blue ball", "green grass", "a yellow sun"]
 # Replicas take a quarter CPU each: several deployments and a training worker share the 2 CPUs. A long
