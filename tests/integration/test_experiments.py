@@ -243,7 +243,7 @@ def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
     for fragment in (
         "| LeapAlign |",
         "| GRPO |",
-        "(2) |",
+        "(1) |",
         "Δ vs LeapAlign",
         "## Tuning",
         "Failed or missing runs: none.",
@@ -253,7 +253,7 @@ def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
         assert (out / "report" / name).stat().st_size > 1000, f"{name} missing"
     client, runs = mlflow_runs(tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 6, (
+    assert len(children) == 4, (
         f"one nested MLflow run per tuning trial and per method x seed: {len(children)}"
     )
 
