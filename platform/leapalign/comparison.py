@@ -74,6 +74,13 @@ def collect_runs(entries: Sequence[tuple[str, int, Path, str | None]], metric: s
         last_eval = next((r for r in reversed(records) if metric in r), None)
         if last_eval is not None:
             run.final = {k: float(v) for k, v in last_eval.items() if k.startswith("eval/")}
+            # The run's last evaluation on eval.final_num_prompts prompts, when larger than the curve's.
+            final = {
+                k.replace("eval_final/", "eval/", 1): float(v)
+                for k, v in last_eval.items()
+                if k.startswith("eval_final/")
+            }
+            run.final.update(final)
             table = run.run_dir / "heldout" / f"step_{int(last_eval['step']):06d}.parquet"
             if table.is_file():
                 run.images = {k: np.asarray(v) for k, v in pq.read_table(table).to_pydict().items()}

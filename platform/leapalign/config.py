@@ -511,6 +511,7 @@ class EvalConfig:
     every: int = 0  # held-out evaluation during training every N updates (and before the first); 0 = off
     every_nfe: int = 0  # ... or whenever the cumulative compute crosses a multiple of this; 0 = off
     every_num_prompts: int = 96  # prompts of the held-out file used during training (fixed noise); >= 1
+    final_num_prompts: int = 0  # the run's last evaluation on this many (eval_final/*); 0 = every_num_prompts
     reward: bool = True  # also score held-out images with the training reward (eval/reward)
 
     def __post_init__(self) -> None:
@@ -519,6 +520,11 @@ class EvalConfig:
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size}: use >= 1")
         _check(self.every >= 0 and self.every_nfe >= 0, "eval.every / eval.every_nfe: use >= 0 (0 = off)")
         _check(self.every_num_prompts >= 1, f"eval.every_num_prompts={self.every_num_prompts}: use >= 1")
+        _check(
+            self.final_num_prompts == 0 or self.final_num_prompts >= self.every_num_prompts,
+            f"eval.final_num_prompts={self.final_num_prompts}: use 0 (as during training) or >= "
+            f"eval.every_num_prompts={self.every_num_prompts} (the curve's prompts come first)",
+        )
 
     @property
     def during_training(self) -> bool:

@@ -179,29 +179,49 @@ class EvalSchedule:
 
 
 class HeldOutEvaluator:
-    """Evaluation during training: the first eval.every_num_prompts held-out prompts, fixed noise."""
+    """Evaluation during training: the first eval.every_num_prompts held-out prompts (a curve point), fixed
+    noise; the run's last evaluation (final=True) samples the first eval.final_num_prompts instead.
+
+    An image's noise belongs to its prompt's position (`eval_latents`), so the final evaluation's first
+    every_num_prompts images ARE the curve's images: the last curve point is read from them (the curve stays
+    one prompt set) and the final metrics (`eval_final/...`) come from all of them, for the price of one
+    larger evaluation at the end."""
 
     def __init__(self, cfg: Config, reward_fn: RewardFn | None):
         assert cfg.eval.prompts is not None
         self.cfg = cfg
-        self.prompts = load_eval_prompts(cfg.eval.prompts, cfg.eval.every_num_prompts)
-        self.world = is_world_prompt_set(self.prompts)
+        self.curve_size = cfg.eval.every_num_prompts
+        final = max(cfg.eval.final_num_prompts, self.curve_size)
+        self.final_prompts = load_eval_prompts(cfg.eval.prompts, final)
+        self.prompts = self.final_prompts[: self.curve_size]
+        self.world = is_world_prompt_set(self.final_prompts)
         self.rewards = {cfg.reward.name: reward_fn} if cfg.eval.reward and reward_fn is not None else {}
+        self.last_prompts: list[str] = []
+        self.last_images: dict[str, list] = {}  # per image, for OUTPUT/heldout/step_<n>.parquet
 
-    def __call__(self, policy: FluxPolicy) -> dict[str, float]:
-        images, prompts = sample_images(
+    def __call__(self, policy: FluxPolicy, final: bool = False) -> dict[str, float]:
+        prompts = self.final_prompts if final else self.prompts
+        images, shown = sample_images(
             policy,
             self.cfg,
-            self.prompts,
+            prompts,
             desc="held-out eval",
             progress=False,
             noise=noise_set(self.cfg.eval.prompts),
         )
-        self.last_images: dict[str, list] = {}  # per image, for OUTPUT/heldout/step_<n>.parquet
+        self.last_prompts, self.last_images = shown, {}
         metrics = score_images(
-            images, prompts, world=self.world, rewards=self.rewards, per_image=self.last_images
+            images, shown, world=self.world, rewards=self.rewards, per_image=self.last_images
         )
-        return {f"eval/{key}": value for key, value in metrics.items()}
+        if not final or len(prompts) == self.curve_size:
+            return {f"eval/{key}": value for key, value in metrics.items()}
+        curve = score_images(
+            images[: self.curve_size], shown[: self.curve_size], world=self.world, rewards=self.rewards
+        )
+        return {
+            **{f"eval/{key}": value for key, value in curve.items()},
+            **{f"eval_final/{key}": value for key, value in metrics.items()},
+        }
 
 
 # ----------------------------------------------------------------------------- trained weights

@@ -369,9 +369,9 @@ class CompareSpec:
         prompts and the tuning budget."""
         assert self.tune is not None
         cfg = self.run_config(label, self.tune.seed, params)
-        return with_overrides(
-            cfg, {"eval.prompts": self.tune.prompts, **self.budget_overrides(self.tune.budget)}
-        )
+        # A trial needs no curve, only its score at the end (on eval.final_num_prompts validation prompts).
+        overrides = {"eval.prompts": self.tune.prompts, "eval.every": 0, "eval.every_nfe": 10**12}
+        return with_overrides(cfg, {**overrides, **self.budget_overrides(self.tune.budget)})
 
 
 def _budget(raw: dict[str, Any], where: str, budget_nfe: int | None = None) -> dict[str, float]:

@@ -665,7 +665,7 @@ class TrainingRun:
             done, self.stopped_at_step = True, step + 1
         schedule = self.eval_schedule
         evaluated = schedule is not None and (schedule.due(step + 1, self.nfe_total) or done)
-        held_out = self.evaluate(step + 1) if evaluated and self.evaluator is not None else {}  # phase "eval"
+        held_out = self.evaluate(step + 1, final=done) if evaluated and self.evaluator is not None else {}
         step_time = sum(self.timer.seconds.values())
         self.time_total += step_time
         metrics = {
@@ -721,15 +721,16 @@ class TrainingRun:
     def weights_for_eval(self):
         return self.ema.swapped() if self.ema is not None and self.cfg.eval.use_ema else nullcontext()
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out metrics; rank 0 also writes each image's results to OUTPUT/heldout/step_<n>.parquet."""
+    def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
+        """Held-out metrics (the run's last evaluation: eval.final_num_prompts of them too); rank 0 also
+        writes each image's results to OUTPUT/heldout/step_<n>.parquet."""
         from leapalign.evaluation import write_image_results
 
         with self.timer.phase("eval"), self.weights_for_eval():
-            metrics = self.evaluator(self.policy)
+            metrics = self.evaluator(self.policy, final=final)
             if self.dist.is_main:
                 path = self.out_dir / HELDOUT_DIR / f"step_{step:06d}.parquet"
-                write_image_results(path, self.evaluator.prompts, self.evaluator.last_images)
+                write_image_results(path, self.evaluator.last_prompts, self.evaluator.last_images)
             return metrics
 
     def sample_grid_images(self) -> Tensor:

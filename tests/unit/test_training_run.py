@@ -108,7 +108,8 @@ def test_held_out_evaluation_during_training(tiny_flux_dir, tmp_path):
         "eval.prompts": "assets/prompts/world/eval.parquet",
         "eval.every": 2,
         "eval.every_num_prompts": 6,
-        "eval.batch_size": 6,
+        "eval.final_num_prompts": 12,
+        "eval.batch_size": 5,
     }
     out = tmp_path / "run"
     history = train(cfg_for(tiny_flux_dir, out, **extra), progress=False).history
@@ -119,6 +120,21 @@ def test_held_out_evaluation_during_training(tiny_flux_dir, tmp_path):
     assert 0.0 <= first["eval/overall"] <= 1.0 and "eval/reward/color_match" in first, f"{first}"
     assert first["compute/nfe_total"] == 0.0, "the step-0 point is the base model at zero compute"
     assert "eval/overall" not in history[0], "step 1 is not an evaluation step"
+    import pyarrow.parquet as pq
+
+    curve = pq.read_table(out / "heldout" / "step_000002.parquet").to_pydict()
+    final = pq.read_table(out / "heldout" / "step_000003.parquet").to_pydict()
+    assert len(curve["prompt"]) == 6 and len(final["prompt"]) == 12, (
+        "curve points on 6 prompts, the last on 12"
+    )
+    last = records[-1]
+    assert "eval_final/image_accuracy" in last and "eval_final/overall" not in records[1], "only the last"
+    first_six = sum(final["correct"][:6]) / 6
+    assert last["eval/image_accuracy"] == pytest.approx(first_six), "the last curve point: its first 6 images"
+    assert last["eval_final/image_accuracy"] == pytest.approx(sum(final["correct"]) / 12), "the final: all 12"
+    assert last["eval/reward/color_match"] == pytest.approx(
+        sum(final["reward/color_match"][:6]) / 6, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
