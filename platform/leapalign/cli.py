@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from leapalign.config import Config
 
+from leapalign.io import atomic_path
 from leapalign.logs import quiet_libraries
 from leapalign.numerics import use_cpu_isa
 
@@ -78,9 +79,6 @@ def check_inputs(cfg: Config) -> None:
 
 def train_locally(cfg: Config) -> tuple[str | None, Path]:
     """This process, no Ray. Checkpoints in OUTPUT/checkpoints; train.resume=true continues the same MLflow run."""
-    import json
-
-    from leapalign.io import atomic_path
     from leapalign.tracking import RUN_RECORD, MLflowTracker, ResumableTracker, open_tracker
     from leapalign.train import train
     from leapalign.training import clear_output_dir
@@ -212,6 +210,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seeds(args: argparse.Namespace) -> int:
+    """Held-out accuracy over several seeds of one config: mean, 95% interval, range (reports.seed_summary)."""
+    from leapalign.reports import format_seed_summary, seed_summary
+
+    summary = seed_summary([Path(d) for d in args.run_dirs])
+    print(format_seed_summary(summary))
+    if args.json:
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A Ray Tune search over config keys; every trial a Ray Train run, every run in MLflow."""
     from leapalign.experiments import load_sweep_spec
@@ -325,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted one")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of every run's config")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("seeds", help="held-out accuracy over seeds of one config: mean, 95%% interval, range")
+    p.add_argument("run_dirs", nargs="+", help="run folders with an eval.json, e.g. outputs/quickstart_seed*")
+    p.add_argument("--json", help="also write the summary to this JSON file")
+    p.set_defaults(func=cmd_seeds)
     p = sub.add_parser("sweep", help="Ray Tune search over config keys (grid, random, optuna; ASHA)")
     p.add_argument("spec", help="sweep spec, e.g. experiments/sweeps/world_leap.yaml")
     p.add_argument("--num-samples", type=int, default=None, help="override the spec's num_samples")

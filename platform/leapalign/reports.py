@@ -123,3 +123,65 @@ def sweep_report(
     # The best trial by its final value among those that ran to the end (ASHA stops the others early).
     complete = [row for row in finished if not row["stopped_early"]] or finished
     return (max if mode == "max" else min)(complete, key=lambda row: row[final_key])
+
+
+# ----------------------------------------------------------------------------- seeds of one config
+
+
+def seed_summary(run_dirs: list[Path], *, n_resamples: int = 10_000) -> dict[str, Any]:
+    """Held-out accuracy of several seeds of one training config (each run folder's eval.json).
+
+    Per category and overall: the base model's score (the same for every seed: fixed evaluation noise),
+    every seed's aligned score, their mean with a 95% percentile bootstrap interval over the seeds
+    (`scipy.stats.bootstrap`) and the range a single run lands in. Scores are fractions (0..1).
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(run_dirs) < 2:
+        raise ValueError(f"a summary over seeds needs at least two run folders, got {len(run_dirs)}")
+    results = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "eval.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the config with eval.prompts set to completion")
+        try:
+            data = json.loads(path.read_text())
+            results.append({stage: {"overall": data[stage]["overall"], **data[stage]["per_category"]}
+                            for stage in ("before", "after")})  # fmt: skip
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a run's eval.json ({err!r})") from err
+    keys = [k for k in results[0]["after"] if k != "overall"] + ["overall"]
+    for run_dir, result in zip(run_dirs, results, strict=True):
+        if sorted(result["after"]) != sorted(keys):
+            raise ValueError(f"{run_dir}: other categories than {run_dirs[0]} ({sorted(result['after'])})")
+    rows = {}
+    for key in keys:
+        before = sorted({r["before"][key] for r in results})
+        after = np.array([r["after"][key] for r in results], dtype=float)
+        if not np.isfinite(after).all():
+            raise ValueError(f"{key}: a non-finite score among the seeds: {after.tolist()}")
+        if np.ptp(after) == 0:
+            low = high = float(after[0])
+        else:
+            ci = bootstrap((after,), np.mean, n_resamples=n_resamples, confidence_level=0.95,
+                           method="percentile", rng=np.random.default_rng(0)).confidence_interval  # fmt: skip
+            low, high = float(ci.low), float(ci.high)
+        rows[key] = {"before": before, "after": after.tolist(), "mean": float(after.mean()),
+                     "low": low, "high": high, "min": float(after.min()), "max": float(after.max())}  # fmt: skip
+    return {"seeds": len(run_dirs), "runs": [str(d) for d in run_dirs], "rows": rows}
+
+
+def format_seed_summary(summary: dict[str, Any]) -> str:
+    """The seed summary as a table in percent: base, mean after [95% CI], single runs' range, each seed."""
+    head = ("category", "base", "after: mean", "95% CI", "range", "per seed")
+    lines = [head]
+    for key, row in summary["rows"].items():
+        base = "/".join(f"{100 * b:.1f}" for b in row["before"])
+        lines.append((key, base, f"{100 * row['mean']:.1f}", f"[{100 * row['low']:.1f}, {100 * row['high']:.1f}]",
+                      f"{100 * row['min']:.1f}-{100 * row['max']:.1f}",
+                      " ".join(f"{100 * v:.1f}" for v in row["after"])))  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)  # fmt: skip
+    return f"held-out accuracy (%) over {summary['seeds']} seeds (bootstrap over seeds, scipy):\n{text}"

@@ -263,7 +263,12 @@ def test_every_method_reruns_bit_for_bit(tiny_flux_dir, tmp_path, method):
     tests/integration (test_ray_train, test_quickstart)."""
     from leapalign.train import train
 
-    extra = {"method.name": method, "train.iterations": 2, "train.num_samples": 1, "sampler.eval_num_steps": 2}
+    extra = {
+        "method.name": method,
+        "train.iterations": 2,
+        "train.num_samples": 1,
+        "sampler.eval_num_steps": 2,
+    }
     if method == "grpo":
         extra |= {"method.grpo.group_size": 2, "method.grpo.updates_per_rollout": 2}
     runs = []
