@@ -67,11 +67,11 @@ def sweep_spec(tiny_flux_dir: Path, tmp: Path, **extra) -> Path:
     return write_spec(tmp / "sweep.yaml", spec)
 
 
-def leapalign(*args: str, timeout: float = 900, **popen) -> subprocess.CompletedProcess:
+def leapalign(*args: str, timeout: float = 900, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "leapalign", *args],
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -202,6 +202,9 @@ def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
             "eval.every": 0,
             "eval.every_nfe": 150,
             "eval.prompts": "assets/prompts/world/eval.parquet",
+            # Relative, as in the shipped configs: resolved against the command's folder, not the trial's
+            # (tuning trials build their configs inside Tune's trial folders).
+            "tracking.uri": "sqlite:///mlflow.db",
         },  # fmt: skip
         "budget_nfe": 400,
         "seeds": [0],  # the statistics over seeds are checked by hand in tests/unit/test_comparison.py
@@ -219,7 +222,9 @@ def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
         },
     }
     out = tmp_path / "compare"
-    proc = leapalign("compare", str(write_spec(tmp_path / "compare.yaml", spec)), "--out", str(out))
+    proc = leapalign(
+        "compare", str(write_spec(tmp_path / "compare.yaml", spec)), "--out", str(out), cwd=tmp_path
+    )
     assert proc.returncode == 0, f"compare failed: {proc.stderr[-3000:]}"
     chosen = json.loads((out / "tuning" / "chosen.json").read_text())
     assert set(chosen["chosen"]) == {"LeapAlign", "GRPO"}, f"one choice per method: {chosen}"

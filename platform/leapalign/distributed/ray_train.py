@@ -185,40 +185,40 @@ def run_on_ray(
     )
 
 
-def absolute_paths(cfg: Config) -> Config:
+def absolute_paths(cfg: Config, cwd: str | os.PathLike[str] | None = None) -> Config:
     """Workers need not start in the driver's folder: pin relative local paths to the driver's cwd.
+
+    `cwd` is that folder when the call runs elsewhere (a Tune trial builds its config inside the trial,
+    whose working folder is the trial's own): default the current one.
 
     ray.storage_path unset: ray_results beside the output folder (outputs/ray_results/RUN for outputs/RUN).
 
     Paths that only exist inside the installed package (shipped prompt files) stay relative: each worker
     resolves them against its own install.
     """
-    output_dir = os.path.abspath(cfg.train.output_dir)
+    root = Path(cwd) if cwd is not None else Path.cwd()
+
+    def here(path: str) -> Path:
+        return root / Path(path).expanduser()  # an absolute path stays itself
+
+    output_dir = os.path.normpath(here(cfg.train.output_dir))
     updates: dict[str, Any] = {"train.output_dir": output_dir}
     if cfg.ray.storage_path is None:
         updates["ray.storage_path"] = os.path.join(os.path.dirname(output_dir), "ray_results")
     elif "://" not in cfg.ray.storage_path:
-        updates["ray.storage_path"] = os.path.abspath(cfg.ray.storage_path)
-    for key, value, exists in (
-        ("model.path", cfg.model.path, Path(cfg.model.path).expanduser().is_dir()),
-        ("train.prompts", cfg.train.prompts, Path(cfg.train.prompts).expanduser().is_file()),
-        (
-            "eval.prompts",
-            cfg.eval.prompts,
-            bool(cfg.eval.prompts) and Path(cfg.eval.prompts).expanduser().is_file(),
-        ),
-        (
-            "model.text_cache",
-            cfg.model.text_cache,
-            bool(cfg.model.text_cache) and Path(cfg.model.text_cache).expanduser().is_dir(),
-        ),
+        updates["ray.storage_path"] = os.path.normpath(here(cfg.ray.storage_path))
+    for key, value, kind in (
+        ("model.path", cfg.model.path, "dir"),
+        ("train.prompts", cfg.train.prompts, "file"),
+        ("eval.prompts", cfg.eval.prompts, "file"),
+        ("model.text_cache", cfg.model.text_cache, "dir"),
     ):
-        if exists:
-            updates[key] = str(Path(value).expanduser().resolve())
-    updates.update(absolute_reward_paths(cfg.reward))  # reward replicas do not start in this folder either
+        if value and (here(value).is_dir() if kind == "dir" else here(value).is_file()):
+            updates[key] = str(here(value).resolve())
+    updates.update(absolute_reward_paths(cfg.reward, root))  # reward replicas do not start here either
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        updates["tracking.uri"] = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+        updates["tracking.uri"] = "sqlite:///" + os.path.normpath(here(uri.removeprefix("sqlite:///")))
     return with_overrides(cfg, updates)
 
 

@@ -213,18 +213,21 @@ def reward_service_resources(cfg: Config) -> dict[str, float]:
     }
 
 
-def absolute_reward_paths(reward_cfg: RewardConfig) -> dict[str, Any]:
+def absolute_reward_paths(reward_cfg: RewardConfig, cwd: Path | None = None) -> dict[str, Any]:
     """Dotted updates pinning reward option values that name an existing relative path to the caller's
-    folder: replicas and workers do not start there. Shipped assets (assets/mini-scorer) do not exist
-    relative to the caller and stay relative: the replica resolves them against its own install."""
+    folder (`cwd`, default the current one): replicas and workers do not start there. Shipped assets
+    (assets/mini-scorer) do not exist relative to the caller and stay relative: the replica resolves them
+    against its own install."""
+    root = cwd if cwd is not None else Path.cwd()
 
     def pinned(options: dict[str, Any]) -> dict[str, Any]:
         out = dict(options)
         for key, value in options.items():
             looks_like_path = isinstance(value, str) and ("/" in value or value.startswith(("~", ".")))
             if looks_like_path and not os.path.isabs(value) and "://" not in value:
-                if Path(value).expanduser().exists():
-                    out[key] = str(Path(value).expanduser().resolve())
+                path = root / Path(value).expanduser()
+                if path.exists():
+                    out[key] = str(path.resolve())
         return out
 
     if reward_cfg.name != RewardConfig.WEIGHTED_SUM:

@@ -415,6 +415,7 @@ def tune_methods(
         saved = json.loads(chosen_path.read_text())
         return saved["chosen"], saved["trials"]
     labels = list(spec.runs)
+    driver_cwd = Path.cwd()
     # One Tune experiment for every method: the grid over methods, each drawing its own keys (namespaced, so
     # methods may search one key over different ranges); a trial applies only its method's keys.
     space = {"run": tune.grid_search(labels)}
@@ -431,7 +432,10 @@ def tune_methods(
         out_dir=folder,
         base=spec.base,
         param_space=space,
-        configure=lambda params: absolute_paths(spec.tuning_config(params["run"], own(params))),
+        # Built inside the trial (its parameters are drawn there), whose working folder is not the driver's.
+        configure=lambda params: absolute_paths(
+            spec.tuning_config(params["run"], own(params)), cwd=driver_cwd
+        ),
         expand=lambda params: {"run": params["run"], **own(params)},
         metric=tune_spec.metric,
         searcher="random",
