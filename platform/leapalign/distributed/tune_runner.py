@@ -387,15 +387,22 @@ def close_trial_runs(plan: TrialPlan, records: list[TrialRecord]) -> None:
     if not plan.base.tracking.enabled:
         return
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(plan.base.tracking.uri)
     for record in records:
         run_record = RunStorage(str(plan.out_dir / "train"), record.trial_id).read_record()
         if run_record is None:
             continue
-        run = client.get_run(run_record["mlflow_run_id"])
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="KILLED")
+        # The store the trial logged to (its run record says which): closing it is housekeeping, and a run
+        # that cannot be found there is reported, not fatal to the experiment's results.
+        uri = run_record.get("tracking_uri") or plan.base.tracking.uri
+        try:
+            client = mlflow.MlflowClient(uri)
+            run = client.get_run(run_record["mlflow_run_id"])
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="KILLED")
+        except MlflowException as err:
+            log.warning("trial %s: its MLflow run in %s could not be closed: %s", record.trial_id, uri, err)
 
 
 # ----------------------------------------------------------------------------- the two commands
