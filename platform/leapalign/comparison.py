@@ -207,9 +207,15 @@ def summarise(
                 )
             scores[label] = Scores(np.stack([v for v, _ in tables]), tables[0][1])
         rows[label] = row
+    # The target lives on the curves' prompts (eval.every_num_prompts, fewer than the final evaluation's):
+    # the base model's first point and the best method's mean last point, both on those prompts.
     base = [r.curve[0]["value"] for r in runs if r.curve and r.curve[0][unit] == 0.0]
     base_score = statistics.fmean(base) if base else math.nan
-    best = max((row.mean for row in rows.values() if row.values), default=math.nan)
+    last_points = {
+        label: [r.curve[-1]["value"] for r in runs if r.label == label and r.seed in row.per_seed and r.curve]
+        for label, row in rows.items()
+    }
+    best = max((statistics.fmean(v) for v in last_points.values() if v), default=math.nan)
     target = base_score + target_share * (best - base_score)
     differences = {}
     if reference in scores:
@@ -362,7 +368,7 @@ def write_report(
         )
     if math.isfinite(summary.target):
         lines += ["", f"Compute to reach {scale * summary.target:.{digits}f} (the base model's {scale * summary.base:.{digits}f} "
-                  f"plus {100 * summary.target_share:.0f}% of the best method's gain), per seed at its first evaluation "
+                  f"plus {100 * summary.target_share:.0f}% of the best method's gain, both on the curves' prompts), per seed at its first evaluation "
                   f"at or above it, in {unit_name}: median [95% CI over seeds], seeds that reached it.", "",
                   "| method | median | 95% CI | reached | per seed |", "|---|---|---|---|---|"]  # fmt: skip
         for row in summary.rows:

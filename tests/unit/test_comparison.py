@@ -109,6 +109,23 @@ def test_report_on_hand_made_runs(tmp_path):
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["reference"] == "LeapAlign"
 
 
+def test_compute_target_lives_on_the_curves_prompts(tmp_path):
+    """Curves are scored on fewer prompts than the final evaluation: the target is the base model's first
+    curve point plus half the best method's gain on the curves (last points), not its final score."""
+    entries = []
+    for label, categories, curve in (
+        ("A", flat(0.9), [(0, 0.1), (1e12, 0.5)]),
+        ("B", flat(0.2), [(0, 0.1), (1e12, 0.35)]),
+    ):
+        make_run(tmp_path / label, categories, curve)
+        entries.append((label, 0, tmp_path / label, None))
+    summary = summarise(collect_runs(entries, "eval/overall"), "eval/overall", reference="A", n_resamples=200)
+    assert summary.base == pytest.approx(0.1) and summary.target == pytest.approx(0.3), (
+        f"0.1 + (0.5 - 0.1) / 2 = 0.3 on the curves (the final 0.9 would give 0.5): {summary.target}"
+    )
+    assert {row.label: row.crossing.per_seed for row in summary.rows} == {"A": [1e12], "B": [1e12]}
+
+
 def test_compare_overrides_reach_every_run(tiny_flux_dir, tmp_path):
     own = tmp_path / "method.yaml"
     own.write_text(yaml.safe_dump({"base": str(REPO / "experiments" / "tiny_demo.yaml"),
