@@ -104,3 +104,42 @@ def test_per_component_advantages_by_hand():
     total = grpo_advantages(LocalContext(), 0.7 * components["a"] + 0.3 * components["b"], None, opts, summed)
     # the sum 0.7 a + 0.3 b = (3.7, 5.1): deviations -0.7, +0.7 over its std 0.7 (+1e-4)
     assert torch.allclose(total, torch.tensor([-0.7, 0.7]) / 0.7001, atol=1e-7), f"summed: {total.tolist()}"
+
+
+def test_ppo_work_pairs_every_ranks_calls_and_weighs_the_share_whole():
+    """Two ranks of B = 2 samples each, N = 3 steps, a hand-made global plan: both ranks call the model at
+    the same steps the same number of times (collectives pair up), a rank with no sample at a step takes a
+    call of 0 pairs, and the pairs of all ranks add up to the share's."""
+    import torch
+
+    from leapalign.methods.grpo import StepPlan
+    from leapalign.recipes.grpo import ppo_work
+
+    train = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)  # [4 global, N]
+    plan = StepPlan(sde=torch.ones(3, dtype=torch.bool), train=train)
+    share = torch.tensor([3, 0, 1])  # sample 2 (rank 1) is in another share
+    work = {rank: ppo_work(plan, share, 2, rank, 2, micro_batch=1) for rank in (0, 1)}
+    (w0, total0), (w1, total1) = work[0], work[1]
+    assert total0 == total1 == 5, "pairs of samples 3, 0, 1: 2 + 2 + 1"
+    assert [t for t, _, _ in w0] == [t for t, _, _ in w1] == [0, 0, 1, 2], f"same calls: {w0} / {w1}"
+    # Rank 0 owns samples 0, 1 (both trained at step 0; sample 0 at step 1); rank 1 owns sample 3 (local 1).
+    assert [(t, i.tolist(), n) for t, i, n in w0] == [(0, [0], 1), (0, [1], 1), (1, [0], 1), (2, [0], 0)]
+    assert [(t, i.tolist(), n) for t, i, n in w1] == [(0, [0], 0), (0, [0], 0), (1, [1], 1), (2, [1], 1)]
+    assert sum(n for *_, n in w0) + sum(n for *_, n in w1) == 5, "every pair once"
+    whole, _ = ppo_work(plan, share, 2, 0, 2, micro_batch=0)
+    assert [(t, i.tolist(), n) for t, i, n in whole] == [(0, [0, 1], 2), (1, [0], 1), (2, [0], 0)], f"{whole}"
+
+
+def test_micro_batches_do_not_change_the_numbers(tiny_flux_dir, tmp_path):
+    """The SDE noise is drawn for the whole batch before any model call: method.grpo.micro_batch only
+    changes how many images a call takes (rows of a batch are computed alike: MKL_CBWR=...,STRICT)."""
+    extra = {"method.grpo.variant": "dance_grpo", "method.grpo.sde": "dance_grpo", "method.grpo.noise_level": 0.3,
+             "train.batch_size": 2, "method.grpo.updates_per_rollout": 2}  # fmt: skip
+    whole = one_iteration(grpo_cfg(tiny_flux_dir, tmp_path / "whole", **extra))
+    split = one_iteration(
+        grpo_cfg(tiny_flux_dir, tmp_path / "split", **extra, **{"method.grpo.micro_batch": 1})
+    )
+    for key in ("reward/mean", "loss", "grad_norm", "grpo/ratio_mean"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-9), (
+            f"{key}: micro_batch 1 gives {split[key]}, the whole batch {whole[key]}"
+        )

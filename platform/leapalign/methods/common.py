@@ -59,14 +59,6 @@ class StepRandomness:
         draw = torch.randn((shape[0] * self.world_size, *shape[1:]), generator=generator, dtype=torch.float32)
         return self.local(draw)
 
-    def rank_generator(self) -> torch.Generator:
-        """A generator of this rank's own (for draws not made for the global batch), seeded from `sde`.
-
-        Only with several workers (one worker draws from `sde` itself).
-        """
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.sde).item())
-        return torch.Generator().manual_seed(seed + self.rank)
-
     def state_dict(self) -> dict[str, Tensor]:
         return {"noise": self.noise.get_state(), "steps": self.steps.get_state(), "sde": self.sde.get_state()}
 

@@ -106,6 +106,7 @@ def sde_step(
     sigma_max: Tensor | float | None = None,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> SDEStep:
     """One stochastic step of the sampler `kind` and the log-density of its result.
 
@@ -126,10 +127,12 @@ def sde_step(
     with g(sigma) = a sqrt(sigma / (1 - sigma)) and g = eta; expanding DanceGRPO's score gives
     mean = x + [v + eta^2 / (2 sigma) (x + (1 - sigma) v)] dt, Flow-GRPO's form with g = eta.
 
-    Rollout: prev_sample=None draws eps from `generator` (`_draw_noise`). Training pass: pass the
-    rollout's x_next as prev_sample to get its log-density under the current model (graph through
-    `mean` to `velocity`). noise_level = 0, and CPS's last step (s = 0), are the Euler ODE step
-    `sampling.euler_step` itself: std 0, log_prob None, no noise drawn.
+    Rollout: prev_sample=None draws eps from `generator` (`_draw_noise`), or takes `noise` (eps drawn by
+    the caller: the recipe draws it for the global batch, so neither the number of ranks nor the
+    micro-batches change it). Training pass: pass the rollout's x_next as prev_sample to get its
+    log-density under the current model (graph through `mean` to `velocity`). noise_level = 0, and
+    CPS's last step (s = 0), are the Euler ODE step `sampling.euler_step` itself: std 0, log_prob None,
+    no noise drawn.
 
     Computed in fp32, or in the latents' dtype when wider: bf16 velocities overflow in the mean, and
     the log-density of a small-std Gaussian needs the precision (Flow-GRPO does the same).
@@ -177,7 +180,11 @@ def sde_step(
         mean = x_hat_0 * (1 - sigma_next) + x_hat_1 * torch.sqrt((sigma_next**2 - std**2).clamp_min(0))
 
     if prev_sample is None:
-        prev_sample = mean.detach() + std * _draw_noise(mean, generator)
+        if noise is None:
+            noise = _draw_noise(mean, generator)
+        elif noise.shape != mean.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must have the latents' shape {tuple(mean.shape)}")
+        prev_sample = mean.detach() + std * noise.to(device=mean.device, dtype=mean.dtype)
     else:
         prev_sample = prev_sample.to(dtype)
 

@@ -9,7 +9,11 @@ One iteration (one `train.iterations` unit):
   5. updates   the samples are split into method.grpo.updates_per_rollout shares; each share is one
                optimizer step: for every trained step t, recompute the log-prob of x_{t+1} under the
                current policy (a graph on that one call), PPO clipped loss (+ beta KL to the policy with
-               the LoRA adapter disabled), backward at once (memory: one transformer graph at a time)
+               the LoRA adapter disabled), backward at once (memory: one transformer graph at a time);
+               gradients cross ranks once per optimizer step, in its last backward
+Rank-invariant: the plan, the SDE noise and the PPO shuffle are drawn for the global batch from the run's
+streams (every rank alike) and each rank keeps its rows, so 2 workers with batch B compute what 1 worker
+with batch 2B computes (tests/integration/test_scale_out.py).
 The math lives in leapalign.methods.grpo; this file only orders the calls.
 """
 
@@ -81,10 +85,12 @@ def group_rollout(
             len(prompts) * group * rng.world_size, height, width, rng.noise
         )
         noise = rng.local(noise)
-    # SDE noise: one worker draws from the run's "sde" stream; several draw from a stream of their own
-    # (seeded from it), so ranks never share noise. Not rank-invariant like the initial noise.
-    sde_generator = rng.sde if rng.world_size == 1 else rng.rank_generator()
+    # SDE noise: every stochastic step's eps drawn from the "sde" stream for the global batch, in step
+    # order, before any model call: 2 workers with B images each draw what 1 worker with 2B draws, and
+    # method.grpo.micro_batch does not change it.
     num_steps = len(sigmas) - 1
+    stochastic = [bool(plan.sde[t]) and opts.noise_level > 0 for t in range(num_steps)]
+    sde_noise = [rng.randn_local(noise.shape, rng.sde) if s else None for s in stochastic]  # N x [B, S, C]
     latents = torch.empty((num_steps + 1, *noise.shape), dtype=noise.dtype, device=noise.device)
     log_probs = torch.zeros(noise.shape[0], num_steps, dtype=torch.float32, device=noise.device)
     means = torch.zeros_like(latents[1:]) if opts.ratio == "guard" else None
@@ -98,13 +104,13 @@ def group_rollout(
         x = noise[part]
         for t in range(num_steps):
             velocity = velocity_fn(x, sigmas[t])
-            level = cfg.method.grpo.noise_level if bool(plan.sde[t]) else 0.0
+            level = opts.noise_level if stochastic[t] else 0.0
             step = sde_step(
                 latents=x,
                 velocity=velocity,
                 sigma=sigmas[t],
                 sigma_next=sigmas[t + 1],
-                generator=sde_generator,
+                noise=sde_noise[t][part] if stochastic[t] else None,
                 **{**sde_kwargs(cfg, sigmas), "noise_level": level},
             )
             if t == num_steps - 1:
@@ -129,23 +135,48 @@ def reference_policy(policy: FluxPolicy):
         policy.transformer.enable_adapters()
 
 
-def ppo_update(
-    policy: FluxPolicy,
-    rollout: GroupRollout,
-    advantages: Tensor,
-    samples: Tensor,
-    cfg: Config,
-    sigmas: Tensor,
-) -> list[dict[str, float]]:
-    """Accumulate the PPO gradient of `samples` (indices into the batch) over their trained steps."""
-    opts = cfg.method.grpo
-    train = rollout.plan.train[samples]  # [b, N]
-    total = int(train.sum())  # every trained (sample, step) pair weighs the same
-    metrics = []
+def ppo_work(plan: StepPlan, share: Tensor, batch: int, rank: int, world_size: int, micro_batch: int):
+    """This rank's model calls for one optimizer step, [(t, local sample indices, pairs)], and the share's
+    trained (sample, step) pairs.
+
+    `share` holds the step's samples as indices into the GLOBAL batch (world_size x B images, rank r owns
+    r B .. (r + 1) B - 1), the same on every rank; `plan` is the global plan. Every rank gets the same
+    sequence of steps t and micro-batches: for each step trained by any sample of the share,
+    ceil(max over ranks of its samples trained at t / micro_batch) calls, a rank with fewer samples taking
+    a call of 0 pairs on its sample 0 (FSDP2 gathers weights in every forward and DDP reduces in the last
+    backward, so the collectives of all ranks must pair up). A call weighs its pairs / the share's pairs,
+    times world_size: the gradient averaged over ranks is the share's mean over its pairs, whatever the
+    number of ranks.
+    """
+    train = plan.train[share]  # [b, N]
+    total = int(train.sum())
+    owner = torch.div(share, batch, rounding_mode="floor")  # [b] each sample's rank
+    mine = share[owner == rank] - rank * batch  # [b_r] this rank's samples, local indices
+    work = []
     for t in torch.nonzero(train.any(dim=0)).flatten().tolist():
-        chosen = samples[train[:, t]]  # samples trained at step t
-        for part in chunks(len(chosen), opts.micro_batch):
-            index = chosen[part]
+        at_t = mine[train[owner == rank, t]]  # this rank's samples trained at step t
+        most = max(int(train[owner == r, t].sum()) for r in range(world_size))
+        for part in chunks(most, micro_batch):
+            index = at_t[part]
+            work.append((t, index, len(index)) if len(index) else (t, torch.zeros(1, dtype=torch.long), 0))
+    return work, total
+
+
+def ppo_update(
+    run: TrainingRun, rollout: GroupRollout, advantages: Tensor, share: Tensor, plan: StepPlan
+) -> dict[str, float]:
+    """Accumulate one optimizer step's PPO gradient (the samples `share`, global indices; `ppo_work`), one
+    transformer graph at a time; gradients cross ranks only in the last backward (parallel.accumulate).
+    Returns the share's metrics as weighted sums (their mean over ranks is the share's mean)."""
+    cfg, policy, sigmas = run.cfg, run.policy, run.sigmas
+    opts = cfg.method.grpo
+    batch = rollout.latents.shape[1]
+    world_size = run.dist.world_size
+    work, total = ppo_work(plan, share, batch, run.dist.rank, world_size, opts.micro_batch)
+    sums: dict[str, float] = {}
+    for i, (t, index, pairs) in enumerate(work):
+        index = index.to(rollout.latents.device)
+        with run.parallel.accumulate(sync=i == len(work) - 1):
             cond = rollout.cond.select(index)
             x_t, x_next = rollout.latents[t, index], rollout.latents[t + 1, index]
             velocity = policy.velocity_fn(cond, rollout.image_ids, cfg.sampler.guidance_scale)(x_t, sigmas[t])
@@ -176,9 +207,10 @@ def ppo_update(
                 kl = kl_to_reference(step.mean, ref_mean, g).mean()
                 loss = loss + opts.kl_beta * kl
                 step_metrics["grpo/kl"] = float(kl.detach())
-            (loss * (len(index) / total)).backward()
-            metrics.append({"loss": float(loss.detach()), **step_metrics})
-    return metrics
+            (loss * (pairs * world_size / total)).backward()
+        for key, value in {"loss": float(loss.detach()), **step_metrics}.items():
+            sums[key] = sums.get(key, 0.0) + pairs * value
+    return {key: value * world_size / total for key, value in sums.items()}
 
 
 def grpo_advantages(dist, rewards: Tensor, components: dict[str, Tensor] | None, opts, reward_fn) -> Tensor:
@@ -207,12 +239,14 @@ def train_grpo(run: TrainingRun) -> None:
         batch = len(prompts) * opts.group_size
         # 1-2. Plan and rollout (no graph).
         with run.timer.phase("rollout"):
+            # The plan of the global batch (every rank draws it alike), this rank's rows for its rollout.
             plan = plan_steps(
-                opts.variant, num_steps, batch, iteration=step, generator=run.rng.steps,
+                opts.variant, num_steps, batch * dist.world_size, iteration=step, generator=run.rng.steps,
                 train_fraction=opts.train_fraction, window_size=opts.window_size,
                 window_shift_every=opts.window_shift_every, last_step_stochastic=opts.sde != "cps",
             )  # fmt: skip
-            rollout = group_rollout(run.policy, prompts, cfg, run.sigmas, run.rng, plan)
+            local_plan = StepPlan(sde=plan.sde, train=run.rng.local(plan.train))
+            rollout = group_rollout(run.policy, prompts, cfg, run.sigmas, run.rng, local_plan)
         # 3. Rewards: values only; all ranks vote before any backward.
         with run.timer.phase("reward"):
             # DanceGRPO scores the last step's x0 prediction (its final SDE step adds noise); the others
@@ -244,12 +278,13 @@ def train_grpo(run: TrainingRun) -> None:
         advantages = grpo_advantages(dist, rewards, components, opts, run.reward_fn)[
             dist.rank * batch : (dist.rank + 1) * batch
         ].to(rewards.device)  # [B]
-        # 5. PPO updates: the batch, shuffled, in updates_per_rollout optimizer steps.
-        order = torch.randperm(batch, generator=run.rng.steps).to(rewards.device)
+        # 5. PPO updates: the global batch, shuffled, in updates_per_rollout optimizer steps; each rank
+        #    computes the terms of its own samples.
+        order = torch.randperm(batch * dist.world_size, generator=run.rng.steps)
         updates, step_metrics = [], []
         for share in torch.tensor_split(order, opts.updates_per_rollout):
             with run.timer.phase("backward"):
-                step_metrics += ppo_update(run.policy, rollout, advantages, share, cfg, run.sigmas)
+                step_metrics.append(ppo_update(run, rollout, advantages, share, plan))
             updates.append(run.apply_gradients(step, True, None))
         metrics = {
             **mean_metrics(step_metrics),
@@ -259,7 +294,7 @@ def train_grpo(run: TrainingRun) -> None:
                     "reward/mean": rewards.mean(),
                     "reward/std": rewards.std() if batch > 1 else torch.zeros(()),
                     "grpo/adv_abs_mean": advantages.abs().mean(),
-                    "grpo/trained_steps": plan.train.sum(dim=1).float().mean(),
+                    "grpo/trained_steps": local_plan.train.sum(dim=1).float().mean(),
                 }
             ),
         }
