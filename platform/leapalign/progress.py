@@ -33,12 +33,11 @@ class ProgressScale:
         return cls(cfg.train.iterations, "update", cfg.train.iterations)
 
     def position(self, step: int, metrics: dict[str, float]) -> float:
-        """The bar's position after `step` updates whose metrics are `metrics` (capped at the total)."""
-        used = {
-            "update": float(step),
-            "NFE": metrics.get("compute/nfe_total", 0.0),
-            "FLOP": metrics.get("compute/flops_total", 0.0),
-        }[self.unit]
+        """The bar's position after `step` updates whose metrics are `metrics` (capped at the total); a
+        whole number of updates prints as one (200/200, not 200.0/200)."""
+        if self.unit == "update":
+            return min(int(self.total), step)
+        used = metrics.get("compute/nfe_total" if self.unit == "NFE" else "compute/flops_total", 0.0)
         return float(min(self.total, used))
 
 
