@@ -41,7 +41,7 @@ class ProgressScale:
         return float(min(self.total, used))
 
 
-def make_bar(scale: ProgressScale, desc: str, *, disable: bool = False, initial: float = 0.0) -> tqdm:
+def make_bar(scale: ProgressScale, desc: str, *, disable: bool = False, initial: float = 0) -> tqdm:
     return tqdm(
         total=scale.total,
         initial=initial,
