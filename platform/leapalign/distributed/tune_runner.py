@@ -415,6 +415,8 @@ def tune_methods(
     run on the validation prompts at the tuning budget; each method keeps its best trial's parameters (the
     final validation metric). Returns (label -> chosen overrides, every trial's record). The choice is saved
     (tuning/chosen.json) so a resumed comparison runs the same final configs."""
+    from leapalign.reports import read_metrics
+
     tune_spec = spec.tune
     folder = out_dir / "tuning"
     chosen_path = folder / "chosen.json"
@@ -456,8 +458,6 @@ def tune_methods(
     trials, chosen = [], {}
     for record in records:
         final = record.metrics.get(tune_spec.metric)
-        from leapalign.reports import read_metrics
-
         curve = [r[tune_spec.metric] for r in read_metrics(record.output_dir) if tune_spec.metric in r]
         value = curve[-1] if curve else (final if final is not None else math.nan)
         trials.append({"run": record.params["run"], "trial_id": record.trial_id, "params": own(record.params),
