@@ -155,11 +155,11 @@ def test_concurrent_callers_are_batched(serving_cluster):
 
 
 def test_weighted_sum_of_served_rewards_logs_each_component(serving_cluster, tiny_flux_dir, tmp_path):
+    color_alone = ensure_reward_service(reward_cfg()).reward.app  # deployed here: the test needs no other test
     before = set(apps())
     cfg = ensure_reward_service(reward_cfg(**WEIGHTED))
     served_apps = {label: spec["app"] for label, spec in cfg.reward.options.items()}
     assert set(served_apps) == {"color", "bright"} and len(set(served_apps.values())) == 2, f"{served_apps}"
-    color_alone = ensure_reward_service(reward_cfg()).reward.app
     assert served_apps["color"] == color_alone, "a component with the same settings shares the deployment"
     assert set(apps()) - before <= {served_apps["bright"]}, f"only brightness is new: {set(apps()) - before}"
 
