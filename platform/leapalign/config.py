@@ -131,7 +131,8 @@ DIRECT_METHODS = (
     "drtune",
     "full_backprop",
 )  # (loss, metrics) per micro-batch
-METHODS = (*DIRECT_METHODS, "grpo")  # grpo: its own recipe (rollouts, then PPO updates)
+METHODS = (*DIRECT_METHODS, "grpo", "nft", "awm")  # grpo, nft, awm: rollouts in groups, then updates
+FORWARD_METHODS = ("nft", "awm")  # train on re-noised clean samples (leapalign.recipes.forward)
 GRPO_VARIANTS = ("flow_grpo", "dance_grpo", "mixgrpo", "fast")
 SDE_KINDS = ("flow_grpo", "dance_grpo", "cps")
 
@@ -283,15 +284,111 @@ class GRPOConfig:
         )
 
 
+TIMESTEP_SAMPLINGS = ("random", "stratified")
+AWM_WEIGHTINGS = ("uniform", "t", "t2", "huber", "ghuber")
+
+
+def _check_forward_common(section: str, opts: Any) -> None:
+    """The checks DiffusionNFT's and AWM's sections share (rollout groups, timesteps, copy decay, updates)."""
+    where = f"method.{section}"
+    _check(opts.group_size >= 2, f"{where}.group_size={opts.group_size}: a group needs >= 2 images")
+    _check(
+        opts.std_scope in ("batch", "group"), f"{where}.std_scope={opts.std_scope!r}: choose batch or group"
+    )
+    _check(opts.adv_clip > 0, f"{where}.adv_clip={opts.adv_clip}: use > 0")
+    _check(opts.train_timesteps >= 1, f"{where}.train_timesteps={opts.train_timesteps}: use >= 1")
+    _check(
+        0 < opts.timestep_range <= 1,
+        f"{where}.timestep_range={opts.timestep_range}: use a value in (0, 1] (the share of steps eligible)",
+    )
+    _check(
+        opts.timestep_sampling in TIMESTEP_SAMPLINGS,
+        f"{where}.timestep_sampling={opts.timestep_sampling!r}: choose one of {', '.join(TIMESTEP_SAMPLINGS)}",
+    )
+    _check(opts.kl_beta >= 0, f"{where}.kl_beta={opts.kl_beta}: use >= 0")
+    _check(opts.decay_rate >= 0, f"{where}.decay_rate={opts.decay_rate}: use >= 0")
+    _check(
+        0 <= opts.decay_cap < 1,
+        f"{where}.decay_cap={opts.decay_cap}: use a value in [0, 1) (1 would freeze the weight copy)",
+    )
+    _check(opts.updates_per_rollout >= 1, f"{where}.updates_per_rollout={opts.updates_per_rollout}: use >= 1")
+    _check(opts.micro_batch >= 0, f"{where}.micro_batch={opts.micro_batch}: use >= 0 (0 = all at once)")
+
+
+@dataclass(frozen=True)
+class NFTConfig:
+    group_size: int = 8  # G images per prompt; >= 2 (DiffusionNFT SD3.5: 24, Flow-Factory Flux: 16)
+    std_scope: str = "group"  # advantage std per group (Flow-Factory global_std=false) or over the batch
+    adv_clip: float = 5.0  # A_max: r = clip(A, +-A_max) / (2 A_max) + 1/2, loss x A_max; > 0
+    beta: float = 1.0  # v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v; > 0 (DiffusionNFT: 1)
+    train_timesteps: int = 2  # K grid sigmas trained per sample; 1..num_steps (Flow-Factory Flux: 2)
+    timestep_range: float = 0.7  # K drawn among the first int(f N) steps (noise end); (0, 1]
+    timestep_sampling: str = (
+        "stratified"  # stratified (Flow-Factory) | random (DiffusionNFT: a random subset)
+    )
+    kl_beta: float = 0.0  # mean (v - v_ref)^2 to the adapter-off reference; >= 0 (DiffusionNFT: 1e-4)
+    decay_rate: float = (
+        0.001  # old policy <- d old + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
+    )
+    decay_cap: float = 0.5  # cap of d; [0, 1), 0 = on-policy (DiffusionNFT: 0.5)
+    updates_per_rollout: int = 1  # optimizer steps per rollout (the samples are split among them); >= 1
+    micro_batch: int = 0  # images per transformer call when sampling and training; 0 = the whole batch
+
+    def __post_init__(self) -> None:
+        _check_forward_common("nft", self)
+        _check(
+            self.beta > 0, f"method.nft.beta={self.beta}: use > 0 (the loss divides by it; DiffusionNFT: 1)"
+        )
+
+
+@dataclass(frozen=True)
+class AWMConfig:
+    group_size: int = 8  # G images per prompt; >= 2 (AWM SD3.5: 24, Flow-Factory Flux: 16)
+    std_scope: str = (
+        "batch"  # advantage std over the gathered batch (Flow-Factory global_std=true) or per group
+    )
+    adv_clip: float = (
+        1.0  # advantages clamped to +-adv_clip; > 0 (Flow-Factory Flux: 1; AWM: 5 rescaled to 1)
+    )
+    clip_range: float = 1.0  # PPO ratio clip eps; > 0 (AWM and Flow-Factory: 1)
+    weighting: str = (
+        "ghuber"  # log p from the matching error: uniform | t | t2 | huber | ghuber (AWM default)
+    )
+    ghuber_power: float = 0.25  # q of ghuber: -((m + 1e-10)^q - 1e-10^q) t / q; > 0
+    train_timesteps: int = 4  # K grid sigmas trained per sample; 1..num_steps (AWM: 6, Flow-Factory Flux: 4)
+    timestep_range: float = 0.7  # K drawn among the first int(f N) steps (noise end); (0, 1] (AWM: 0.9)
+    timestep_sampling: str = "stratified"  # stratified (AWM's discrete) | random
+    kl_beta: float = 0.0  # mean (v - v_ref)^2 to the adapter-off reference; >= 0 (AWM: 1e-4, Flow-Factory: 0)
+    ema_kl_beta: float = 0.1  # mean (v - v_ema)^2 to the EMA policy; >= 0 (AWM: 1, Flow-Factory Flux: 0.1)
+    decay_rate: float = (
+        0.001  # EMA policy <- d ema + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
+    )
+    decay_cap: float = 0.3  # cap of d; [0, 1) (AWM and Flow-Factory: 0.3)
+    updates_per_rollout: int = 1  # optimizer steps per rollout (the samples are split among them); >= 1
+    micro_batch: int = 0  # images per transformer call when sampling and training; 0 = the whole batch
+
+    def __post_init__(self) -> None:
+        _check_forward_common("awm", self)
+        _check(self.clip_range > 0, f"method.awm.clip_range={self.clip_range}: use > 0 (AWM: 1)")
+        _check(
+            self.weighting in AWM_WEIGHTINGS,
+            f"method.awm.weighting={self.weighting!r}: choose one of {', '.join(AWM_WEIGHTINGS)}",
+        )
+        _check(self.ghuber_power > 0, f"method.awm.ghuber_power={self.ghuber_power}: use > 0 (AWM: 0.25)")
+        _check(self.ema_kl_beta >= 0, f"method.awm.ema_kl_beta={self.ema_kl_beta}: use >= 0")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "leapalign"  # leapalign | refl | draft_lv | drtune | full_backprop | grpo
+    name: str = "leapalign"  # leapalign | refl | draft_lv | drtune | full_backprop | grpo | nft | awm
     leapalign: LeapAlignConfig = field(default_factory=LeapAlignConfig)
     refl: ReFLConfig = field(default_factory=ReFLConfig)
     draft_lv: DraftLVConfig = field(default_factory=DraftLVConfig)
     drtune: DRTuneConfig = field(default_factory=DRTuneConfig)
     full_backprop: FullBackpropConfig = field(default_factory=FullBackpropConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    awm: AWMConfig = field(default_factory=AWMConfig)
 
     def __post_init__(self) -> None:
         _check(self.name in METHODS, f"method.name={self.name!r}: choose one of {', '.join(METHODS)}")
@@ -633,6 +730,23 @@ class Config:
                 self.method.grpo.updates_per_rollout <= images,
                 f"method.grpo.updates_per_rollout={self.method.grpo.updates_per_rollout} exceeds the "
                 f"{images} images of a rollout (train.batch_size x group_size): each update needs samples",
+            )
+        if self.method.name in FORWARD_METHODS:
+            opts, where = self.method.options, f"method.{self.method.name}"
+            _check(
+                not (opts.kl_beta > 0 and self.finetune.mode != "lora"),
+                f"{where}.kl_beta > 0 needs finetune.mode=lora: the reference policy is the same network with the "
+                "adapter disabled (full fine-tuning would need a second copy of the transformer)",
+            )
+            _check(
+                opts.train_timesteps <= self.sampler.num_steps,
+                f"{where}.train_timesteps={opts.train_timesteps} exceeds sampler.num_steps={self.sampler.num_steps}",
+            )
+            images = self.train.batch_size * opts.group_size
+            _check(
+                opts.updates_per_rollout <= images,
+                f"{where}.updates_per_rollout={opts.updates_per_rollout} exceeds the {images} images of a rollout "
+                f"(train.batch_size x group_size): each update needs samples",
             )
         if self.leap.distribution == "fixed_gap":
             _check(

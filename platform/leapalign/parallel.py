@@ -161,6 +161,7 @@ def save_state(
     ema_shadow: dict[str, Tensor] | None,
     train_state: dict[str, Any],
     is_main: bool,
+    copy_shadow: dict[str, Tensor] | None = None,
 ) -> None:
     """Write this rank's shards of weights, AdamW and EMA into `folder` (DCP), and rank 0 the train state.
 
@@ -178,6 +179,8 @@ def save_state(
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     if ema_shadow is not None:
         state["ema"] = ema_shadow
+    if copy_shadow is not None:  # a method's weight copy (DiffusionNFT's old policy, AWM's EMA policy)
+        state["policy_copy"] = copy_shadow
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
     if is_main:
         torch.save(train_state, folder / TRAIN_STATE_FILE)
@@ -188,9 +191,10 @@ def load_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ema_shadow: dict[str, Tensor] | None,
+    copy_shadow: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Load a save_state folder written by any number of ranks into this rank's (possibly sharded) state;
-    the EMA shadow tensors are filled in place. Returns the train state (no pickle: weights_only=True)."""
+    the EMA (and weight copy) shadow tensors are filled in place. Returns the train state (no pickle: weights_only=True)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -201,6 +205,8 @@ def load_state(
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     if ema_shadow is not None:
         state["ema"] = ema_shadow
+    if copy_shadow is not None:
+        state["policy_copy"] = copy_shadow
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))  # raises on a trained key it lacks
     # strict=False: the frozen weights (LoRA's base model) are not in the checkpoint and stay as loaded.
     set_state_dict(

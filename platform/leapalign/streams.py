@@ -9,7 +9,7 @@ give, are independent too). Changing one choice (say the leap-pair law) keeps th
     prompts   the order of the training prompts
     noise     initial latents, and any re-noising (DRaFT-LV)
     steps     which steps a method trains (leap pairs, ReFL's t, DRTune's offsets, GRPO's plans and shuffles)
-    sde       GRPO's SDE noise
+    sde       GRPO's SDE noise; DiffusionNFT's and AWM's forward-process noise eps
     grid      the sample grids' noise (before / after / every train.sample_every)
     eval      held-out evaluation noise: seeded by EVAL_SEED (never by train.seed: every run and method sees
               the same images' noise, so comparisons are paired) and by (replicate, prompt index), so an image

@@ -2,7 +2,7 @@
 
 It builds the shared run state (leapalign.training) and hands it to the method's recipe:
 leapalign.recipes.direct for LeapAlign, ReFL, DRaFT-LV, DRTune and full backprop, leapalign.recipes.grpo
-for the GRPO family. Ray, when used, only calls `train` with a distributed context and a checkpoint
+for the GRPO family, leapalign.recipes.forward for DiffusionNFT and AWM. Ray, when used, only calls `train` with a distributed context and a checkpoint
 hook (leapalign.distributed).
 """
 
@@ -71,6 +71,10 @@ def train(
                 from leapalign.recipes.grpo import train_grpo
 
                 train_grpo(run)
+            elif cfg.method.name in ("nft", "awm"):
+                from leapalign.recipes.forward import train_forward
+
+                train_forward(run)
             else:
                 from leapalign.recipes.direct import train_direct
 

@@ -53,6 +53,7 @@ log = logging.getLogger("leapalign")
 CHECKPOINT_DIR = "checkpoints"  # local runs: OUTPUT/checkpoints/step_000050.pt
 HELDOUT_DIR = "heldout"  # OUTPUT/heldout/step_000050.parquet: each held-out image's results at that step
 # What a run folder holds; train.overwrite=true removes exactly these (never anything else in the folder).
+WEIGHT_COPIES = {"nft": "the old policy", "awm": "the EMA policy (KL target)"}  # TrainingRun.policy_copy
 RUN_FILES = (
     "config.yaml", "metrics.jsonl", RUN_RECORD, CHECKPOINT_DIR, "lora", "lora_ema", "transformer",
     "transformer_ema", "samples_before.png", "samples_after.png", "eval.json", "eval_before_after.png",
@@ -191,9 +192,11 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
+        """shadow <- d shadow + (1 - d) weights, d = `decay` (a scheduled one) or the fixed self.decay."""
+        decay = self.decay if decay is None else decay
         for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+            s.lerp_(p.detach().float(), 1.0 - decay)
 
     @contextmanager
     def swapped(self):
@@ -463,6 +466,10 @@ class TrainingRun:
             weight_decay=cfg.optim.weight_decay,
         )
         self.ema = EMA(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        # A method's own copy of the trained weights, beside the EMA and checkpointed with the run: DiffusionNFT's
+        # old policy (it samples the rollouts), AWM's EMA policy (its KL target). Both start as the initial
+        # weights; the recipe moves them with its scheduled decay (swap it in with `policy_copy.swapped()`).
+        self.policy_copy = EMA(self.params, 0.0) if cfg.method.name in WEIGHT_COPIES else None
         # Global streams: the same seed on every rank, draws for the global batch, each rank its slice.
         self.sampler = PromptSampler(
             prompts, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size
@@ -506,6 +513,7 @@ class TrainingRun:
             "params": [p.detach().cpu() for p in self.params],
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "policy_copy": self.policy_copy.state_dict() if self.policy_copy is not None else None,
             **self.train_state(step),
         }
 
@@ -529,6 +537,10 @@ class TrainingRun:
     def ema_shadow(self) -> dict[str, Tensor] | None:
         return dict(zip(self.param_names, self.ema.shadow, strict=True)) if self.ema is not None else None
 
+    def copy_shadow(self) -> dict[str, Tensor] | None:
+        copy = self.policy_copy
+        return dict(zip(self.param_names, copy.shadow, strict=True)) if copy is not None else None
+
     def save_checkpoint(self, path: Path, step: int) -> None:
         """A `.pt` file (one process): torch.save to a temp file, then rename, so an interrupted write never
         replaces a good checkpoint. Any other path: a DCP folder, this rank's shards (every rank calls it)."""
@@ -538,12 +550,14 @@ class TrainingRun:
             return
         save_state(
             path, self.policy.transformer, self.optimizer, self.ema_shadow(), self.train_state(step),
-            self.dist.is_main,
+            self.dist.is_main, copy_shadow=self.copy_shadow(),
         )  # fmt: skip
 
     def load_checkpoint(self, path: Path) -> None:
         if is_dcp_checkpoint(path):
-            state = load_state(path, self.policy.transformer, self.optimizer, self.ema_shadow())
+            state = load_state(
+                path, self.policy.transformer, self.optimizer, self.ema_shadow(), self.copy_shadow()
+            )
             if state["global_batch"] != self.cfg.train.batch_size * self.dist.world_size:
                 log.warning(
                     "checkpoint %s was written with a global batch of %d (%d workers), this run's is %d: the "
@@ -559,6 +573,8 @@ class TrainingRun:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema is not None and state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
+            if self.policy_copy is not None and state.get("policy_copy") is not None:
+                self.policy_copy.load_state_dict(state["policy_copy"])
         self.sampler.load_state_dict(state["sampler"])
         self.rng.load_state_dict(state["randomness"])
         self.start_step = int(state["step"])

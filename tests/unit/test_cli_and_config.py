@@ -109,7 +109,8 @@ def test_help_and_module_entry_point():
 def test_core_never_imports_ray():
     code = (
         "import sys, leapalign, leapalign.train, leapalign.training, leapalign.cli, leapalign.methods, "
-        "leapalign.methods.grpo, leapalign.recipes.direct, leapalign.recipes.grpo, leapalign.evaluation, "
+        "leapalign.methods.grpo, leapalign.methods.nft, leapalign.methods.awm, leapalign.recipes.direct, "
+        "leapalign.recipes.grpo, leapalign.recipes.forward, leapalign.evaluation, "
         "leapalign.models.flux, leapalign.models.tiny, leapalign.compute, "
         "leapalign.rewards.simple, leapalign.tracking, leapalign.config, leapalign.sampling, leapalign.parallel\n"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"

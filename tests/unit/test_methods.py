@@ -256,7 +256,9 @@ def test_grpo_variants_update_and_move_the_weights(tiny_flux_dir, tmp_path, vari
     assert moved > 0, f"{variant}: LoRA up (B) starts at zero; two PPO steps must move it"
 
 
-@pytest.mark.parametrize("method", ["leapalign", "refl", "draft_lv", "drtune", "full_backprop", "grpo"])
+@pytest.mark.parametrize(
+    "method", ["leapalign", "refl", "draft_lv", "drtune", "full_backprop", "grpo", "nft", "awm"]
+)
 def test_every_method_reruns_bit_for_bit(tiny_flux_dir, tmp_path, method):
     """Same seed, same process settings: every logged number of a two-update run is identical (==, not
     approx), for every method; the Ray and served-reward paths are held to the same numbers in
@@ -269,8 +271,8 @@ def test_every_method_reruns_bit_for_bit(tiny_flux_dir, tmp_path, method):
         "train.num_samples": 1,
         "sampler.eval_num_steps": 2,
     }
-    if method == "grpo":
-        extra |= {"method.grpo.group_size": 2, "method.grpo.updates_per_rollout": 2}
+    if method in ("grpo", "nft", "awm"):
+        extra |= {f"method.{method}.group_size": 2, f"method.{method}.updates_per_rollout": 2}
     runs = []
     for name in ("a", "b"):
         cfg = tiny_cfg(tiny_flux_dir, tmp_path / name, **extra)
@@ -278,3 +280,102 @@ def test_every_method_reruns_bit_for_bit(tiny_flux_dir, tmp_path, method):
         runs.append([{k: v for k, v in m.items() if not k.startswith("time/")} for m in history])
     assert len(runs[0]) == 2 and all(m["skipped"] == 0.0 for m in runs[0]), f"{method}: {runs[0]}"
     assert runs[0] == runs[1], f"{method}: two runs with one seed differ:\n{runs[0]}\n{runs[1]}"
+
+
+# ----------------------------------------------------------------------------- DiffusionNFT and AWM
+
+
+def forward_cfg(tiny_flux_dir, tmp_path, method, **extra):
+    values = {
+        "method.name": method,
+        f"method.{method}.group_size": 4,
+        "train.iterations": 1,
+        "sampler.eval_num_steps": 2,
+        "train.num_samples": 1,
+        **extra,
+    }
+    return tiny_cfg(tiny_flux_dir, tmp_path, **values)
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("nft", {}),
+        ("nft", {"method.nft.kl_beta": 0.01, "method.nft.timestep_sampling": "random",
+                 "finetune.gradient_checkpointing": "true", "method.nft.micro_batch": 3}),
+        ("awm", {"method.awm.updates_per_rollout": 3}),
+        ("awm", {"method.awm.kl_beta": 0.01, "method.awm.ema_kl_beta": 0.0, "method.awm.weighting": "t"}),
+    ],
+)  # fmt: skip
+def test_forward_methods_update_within_their_predicted_cost(tiny_flux_dir, tmp_path, method, extra):
+    """One rollout and its updates: finite loss, a non-zero gradient, LoRA moved, and the measured
+    transformer cost equal to update_nfe_range's formula (N rollout calls + K pairs x (forward, backward,
+    the copy's forward, the reference's), plus AWM's later-share log p forwards)."""
+    from leapalign.train import train
+
+    cfg = forward_cfg(tiny_flux_dir, tmp_path, method, **extra)
+    metrics = train(cfg, reward_fn=ColorMatch(), progress=False).history[0]
+    assert metrics["skipped"] == 0.0 and torch.isfinite(torch.tensor(metrics["loss"])), f"{method}: {metrics}"
+    assert metrics["grad_norm"] > 0 and torch.isfinite(torch.tensor(metrics["grad_norm"])), f"{metrics}"
+    lo, hi = update_nfe_range(cfg)
+    assert lo <= metrics["compute/nfe"] <= hi, (
+        f"{method} {extra}: {metrics['compute/nfe']} not in [{lo}, {hi}]"
+    )
+    if method == "awm" and "method.awm.updates_per_rollout" not in extra:
+        assert metrics["awm/ratio_mean"] == 1.0, f"on-policy single update: ratio exactly 1, {metrics}"
+
+
+@pytest.mark.parametrize("method,lr", [("nft", 0.1), ("awm", 0.03)])
+def test_forward_methods_raise_a_trivial_reward(tiny_flux_dir, tmp_path, method, lr):
+    """Brightness (ignores the prompt) on the tiny Flux, 6 steps, 12 rollouts of 2 x 4 images: the last three
+    rollouts' mean reward beats the first three's by a margin well above their spread (seen: +0.016 for
+    both; rollout-to-rollout noise ~0.002)."""
+    from leapalign.rewards.simple import Brightness
+    from leapalign.train import train
+
+    cfg = forward_cfg(tiny_flux_dir, tmp_path, method, **{"train.iterations": 12, "optim.lr": lr,
+                                                          "sampler.num_steps": 6})  # fmt: skip
+    rewards = [m["reward/mean"] for m in train(cfg, reward_fn=Brightness(), progress=False).history]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.008, f"{method}: reward {first:.4f} -> {last:.4f} over 12 rollouts: {rewards}"
+
+
+@pytest.mark.parametrize("method", ["nft", "awm"])
+def test_the_weight_copy_follows_the_trained_weights_by_its_schedule(tiny_flux_dir, tmp_path, method):
+    """After rollout k (one optimizer step each) the copy is s_k = d_k s_{k-1} + (1 - d_k) w_k with
+    d_k = min(rate k, cap), s_0 the initial weights and w_k the weights after update k."""
+    from leapalign.recipes.forward import train_forward
+    from leapalign.training import make_run
+
+    cfg = forward_cfg(tiny_flux_dir, tmp_path, method, **{"train.iterations": 3,
+                      f"method.{method}.decay_rate": 0.2, f"method.{method}.decay_cap": 0.5})  # fmt: skip
+    run = make_run(cfg, reward_fn=ColorMatch(), progress=False)
+    hand = [p.detach().clone() for p in run.params]
+    after = []
+    run.on_step_end = lambda end: after.append([p.detach().clone() for p in run.params])
+    run.begin(None)
+    train_forward(run)
+    assert len(after) == 3 and run.result.history[-1][f"{method}/copy_decay"] == 0.5, "d = 0.2, 0.4, 0.5"
+    for k, weights in enumerate(after, start=1):
+        d = min(0.2 * k, 0.5)
+        hand = [d * s + (1 - d) * w for s, w in zip(hand, weights, strict=True)]
+    moved = max((w - s).abs().max().item() for w, s in zip(after[-1], hand, strict=True))
+    assert moved > 0, "the copy lags the trained weights"
+    diff = max((c - s).abs().max().item() for c, s in zip(run.policy_copy.shadow, hand, strict=True))
+    assert diff < 1e-6, f"{method}: the copy is {diff:.2e} off the hand-computed EMA"
+
+
+def test_forward_noise_is_drawn_for_the_global_batch():
+    """Rank r of 2 with B images keeps exactly rows r B .. (r + 1) B - 1 of what one worker with 2B draws."""
+    from leapalign.methods.forward_process import plan_timesteps
+    from leapalign.recipes.forward import draw_forward_noise
+
+    plan = plan_timesteps("random", 5, 6, 2, 1.0, torch.Generator().manual_seed(0))  # [2 x 3 global, N]
+    whole = draw_forward_noise(plan, torch.Size([6, 4, 2]), StepRandomness.seeded(7))
+    parts = [
+        draw_forward_noise(plan, torch.Size([3, 4, 2]), StepRandomness.seeded(7, rank, 2)) for rank in (0, 1)
+    ]
+    assert torch.equal(torch.cat(parts, dim=1), whole), "two ranks' noise is the one worker's, split by rows"
+    assert torch.equal(whole.abs().sum(dim=(2, 3)) > 0, plan.T), (
+        "noise exactly at the trained (step, image) pairs"
+    )

@@ -3,7 +3,8 @@
 Direct-gradient methods share one signature, `(policy, prompts, reward_fn, cfg, sigmas, rng) ->
 (loss, metrics)`, and are picked by `method.name` from `DIRECT_METHODS`; the training recipe
 (leapalign.recipes.direct) runs them. GRPO has its own recipe (leapalign.recipes.grpo) built on
-the math in methods/grpo.py.
+the math in methods/grpo.py; DiffusionNFT and AWM share one (leapalign.recipes.forward) built on
+methods/nft.py, methods/awm.py and methods/forward_process.py.
 """
 
 from leapalign.methods.draft import draft_lv_loss, full_backprop_loss
@@ -41,6 +42,17 @@ def update_nfe_range(cfg) -> tuple[int, int]:
             trained = min(trained, n - 1)  # CPS's last step is deterministic: never trained
         per_image = n + trained * (1 + bw + (1 if opts.kl_beta > 0 else 0))
         cost = cfg.train.batch_size * opts.group_size * per_image
+        return cost, cost
+    if name in ("nft", "awm"):
+        # N rollout forwards per image; per trained pair (K per image) a forward and its backward, the
+        # reference's forward (kl_beta > 0), and DiffusionNFT's v_old or AWM's v_ema forward. AWM also scores
+        # the pairs of its later optimizer steps under the rollout weights (one forward each); the first
+        # step's share holds ceil(images / U) images (torch.tensor_split).
+        images, k = cfg.train.batch_size * opts.group_size, opts.train_timesteps
+        copy = 1 if name == "nft" or opts.ema_kl_beta > 0 else 0
+        per_pair = 1 + bw + (1 if opts.kl_beta > 0 else 0) + copy
+        later = images - -(-images // opts.updates_per_rollout) if name == "awm" else 0
+        cost = images * (n + k * per_pair) + k * later
         return cost, cost
     if name == "leapalign":
         pairs = opts.pairs_per_rollout

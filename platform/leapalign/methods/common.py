@@ -31,7 +31,8 @@ class StepRandomness:
     others' draws, and no stream of one seed shares bits with any stream of another.
 
     noise: initial latents (and any re-noising); steps: which steps a method trains (leap pairs, ReFL's
-    t, DRTune's offsets, GRPO's timestep subsets and PPO shuffles); sde: GRPO's SDE noise.
+    t, DRTune's offsets, GRPO's timestep subsets and PPO shuffles, NFT / AWM timestep plans and shuffles);
+    sde: GRPO's SDE noise, NFT / AWM forward-process noise.
 
     Global streams: every data-parallel rank holds the same streams (same seed) and draws for the GLOBAL
     batch (world_size x its own); `local` keeps this rank's rows. Step choices (leap pair, t) are one draw

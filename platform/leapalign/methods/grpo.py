@@ -359,27 +359,6 @@ def plan_steps(
     last_step_stochastic=False (CPS: at sigma_next = 0 its std is 0, the step is Euler's and has no
     log-density) makes the last step an untrained ODE step in every variant.
     """
-    plan = _plan_steps(variant, num_steps, batch_size, iteration=iteration, generator=generator,
-                       train_fraction=train_fraction, window_size=window_size,
-                       window_shift_every=window_shift_every, window_shift=window_shift)  # fmt: skip
-    if not last_step_stochastic:
-        plan.sde[-1] = False
-        plan.train[:, -1] = False
-    return plan
-
-
-def _plan_steps(
-    variant: str,
-    num_steps: int,
-    batch_size: int,
-    *,
-    iteration: int,
-    generator: torch.Generator,
-    train_fraction: float,
-    window_size: int,
-    window_shift_every: int,
-    window_shift: int,
-) -> StepPlan:
     if variant not in PLAN_VARIANTS:
         raise ValueError(f"unknown GRPO variant {variant!r}: use one of {PLAN_VARIANTS}")
     if num_steps < 1 or batch_size < 1:
@@ -406,7 +385,7 @@ def _plan_steps(
             order = torch.rand(batch_size, candidates, generator=generator).argsort(dim=1)  # [B, N - 1]
             train = torch.zeros(batch_size, num_steps, dtype=torch.bool)
             train.scatter_(1, order[:, :num_train], True)
-        return StepPlan(sde=sde, train=train)
+        return _last_step_deterministic(StepPlan(sde=sde, train=train), last_step_stochastic)
 
     if variant == "mixgrpo":
         last = num_steps - 2  # MixGRPO's max_timesteps: the window never covers the last two steps
@@ -430,4 +409,14 @@ def _plan_steps(
             )
         start = int(torch.randint(0, half - window_size + 1, (1,), generator=generator).item())
     sde[start : start + window_size] = True
-    return StepPlan(sde=sde, train=sde.expand(batch_size, num_steps).clone())
+    return _last_step_deterministic(
+        StepPlan(sde=sde, train=sde.expand(batch_size, num_steps).clone()), last_step_stochastic
+    )
+
+
+def _last_step_deterministic(plan: StepPlan, last_step_stochastic: bool) -> StepPlan:
+    """last_step_stochastic=False (CPS): the last step an untrained ODE step."""
+    if not last_step_stochastic:
+        plan.sde[-1] = False
+        plan.train[:, -1] = False
+    return plan
