@@ -1,6 +1,7 @@
 """`leapalign sweep` and `leapalign compare` end to end on a real local Ray cluster, a real MLflow store and
-the tiny Flux: nested MLflow runs, ASHA stopping trials early, a killed-and-resumed sweep, the exported best
-config, the comparison report. About 5 minutes on two cores (most of it starting Ray Train workers).
+the tiny Flux: one ASHA sweep killed and resumed (nested MLflow runs, trials stopped early, nothing rerun,
+the exported best config), the tuned comparison and its report, bad specs. About 3.5 minutes on two cores
+(most of it starting Ray Train workers).
 """
 
 from __future__ import annotations
@@ -87,16 +88,59 @@ def mlflow_runs(tmp: Path):
     return client, client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def test_sweep_nested_runs_asha_and_best_config(tiny_flux_dir, tmp_path):
+def terminated_trials(out: Path) -> list[str]:
+    """Trials Tune's newest saved experiment state marks TERMINATED (what a resumed sweep keeps)."""
+    states = sorted((out / "tune" / "trials").glob("experiment_state-*.json"))
+    if not states:
+        return []
+    try:
+        data = json.loads(states[-1].read_text())
+    except (json.JSONDecodeError, OSError):  # caught mid-write
+        return []
+    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+
+
+def last_write(folder: Path) -> float:
+    """The newest modification time of any file in a trial's run folder (a rerun would rewrite them)."""
+    return max(path.stat().st_mtime for path in folder.rglob("*") if path.is_file())
+
+
+def test_killed_asha_sweep_resumes_with_nested_runs_and_a_reproducible_best_config(tiny_flux_dir, tmp_path):
+    """One sweep, killed (driver and its private cluster) once Tune has recorded a finished trial, then run
+    again: finished trials are not rerun, each trial is one nested MLflow run with each step once, ASHA
+    stopped some trial early, the results table and plots are written, and the exported best config
+    trained again without Ray reproduces its trial's metric."""
+    spec = sweep_spec(tiny_flux_dir, tmp_path)
     out = tmp_path / "sweep"
-    proc = leapalign("sweep", str(sweep_spec(tiny_flux_dir, tmp_path)), "--out", str(out))
-    assert proc.returncode == 0, f"sweep failed: {proc.stderr[-3000:]}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "leapalign", "sweep", str(spec), "--out", str(out)]
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    finished: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not finished:  # kill once Tune has recorded a finished trial
+            finished = {trial: last_write(out / "runs" / trial) for trial in terminated_trials(out)}
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(1)
+        assert finished, "no trial finished within 10 minutes"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the private cluster it started
+        driver.wait(timeout=60)
+    proc = leapalign("sweep", str(spec), "--out", str(out))
+    assert proc.returncode == 0, f"resumed sweep failed: {proc.stderr[-3000:]}"
+    assert "ASHA: rungs restored" in proc.stderr, "the resumed sweep's ASHA continues from the saved rungs"
+    for trial, mtime in finished.items():
+        assert last_write(out / "runs" / trial) == mtime, f"finished trial {trial} ran again"
 
     client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.run_name == "tiny_sweep", f"one parent run: {parents}"
-    assert len(children) == 4, f"one nested run per trial, got {len(children)}"
+    assert len(parents) == 1 and parents[0].info.run_name == "tiny_sweep", (
+        f"one parent run, reused: {parents}"
+    )
+    assert len(children) == 4, f"one nested run per trial, no duplicates: got {len(children)}"
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children), "nesting"
     steps = {}
     for child in children:
@@ -104,7 +148,9 @@ def test_sweep_nested_runs_asha_and_best_config(tiny_flux_dir, tmp_path):
         history = client.get_metric_history(child.info.run_id, "eval/reward/color_match")
         points = [m.step for m in history]
         assert points == sorted(set(points)) and points[0] == 0, f"a curve with each step once: {points}"
-        steps[child.info.run_id] = max(m.step for m in client.get_metric_history(child.info.run_id, "loss"))
+        losses = sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss"))
+        assert losses == list(range(1, losses[-1] + 1)), f"each step logged once: {losses}"
+        steps[child.info.run_id] = losses[-1]
     assert max(steps.values()) == ITERATIONS, f"some trial runs to the end: {steps}"
     assert min(steps.values()) < ITERATIONS, f"ASHA must stop some trial early: {steps}"
 
@@ -131,64 +177,6 @@ def test_sweep_nested_runs_asha_and_best_config(tiny_flux_dir, tmp_path):
     assert final == pytest.approx(best_row["final/eval/reward/color_match"], rel=1e-6, abs=1e-7), (
         f"best config again: {final} vs its trial {best_row}"
     )
-
-
-def terminated_trials(out: Path) -> list[str]:
-    """Trials Tune's newest saved experiment state marks TERMINATED (what a resumed sweep keeps)."""
-    states = sorted((out / "tune" / "trials").glob("experiment_state-*.json"))
-    if not states:
-        return []
-    try:
-        data = json.loads(states[-1].read_text())
-    except (json.JSONDecodeError, OSError):  # caught mid-write
-        return []
-    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
-    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
-
-
-def test_killed_sweep_resumes_without_rerunning_or_duplicates(tiny_flux_dir, tmp_path):
-    spec = sweep_spec(tiny_flux_dir, tmp_path, scheduler={"name": "fifo"}, num_samples=3)
-    out = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "leapalign", "sweep", str(spec), "--out", str(out)]
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # fmt: skip
-    finished: dict[str, float] = {}
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not finished:  # kill once Tune has recorded a finished trial
-            finished = {
-                trial: (out / "runs" / trial / "lora_ema").stat().st_mtime for trial in terminated_trials(out)
-            }
-            assert driver.poll() is None, "the sweep ended before it could be interrupted"
-            time.sleep(1)
-        assert finished, "no trial finished within 10 minutes"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the private cluster it started
-        driver.wait(timeout=60)
-    proc = leapalign("sweep", str(spec), "--out", str(out))
-    assert proc.returncode == 0, f"resumed sweep failed: {proc.stderr[-3000:]}"
-    for trial, mtime in finished.items():
-        assert (out / "runs" / trial / "lora_ema").stat().st_mtime == mtime, (
-            f"finished trial {trial} ran again"
-        )
-
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(out / "report" / "results.parquet").to_pylist()
-    assert sorted(row["trial_id"] for row in table) == sorted({row["trial_id"] for row in table}), (
-        "no repeats"
-    )
-    assert len(table) == 3 and all(row["steps"] == ITERATIONS for row in table), (
-        f"every trial once, done: {table}"
-    )
-    client, runs = mlflow_runs(tmp_path)
-    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "the parent run is reused"
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 3, f"no duplicate trial runs: {len(children)}"
-    for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
-        assert steps == list(range(1, ITERATIONS + 1)), f"each step logged once: {steps}"
 
 
 def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):

@@ -28,6 +28,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from leapalign.config import Config, with_overrides
 from leapalign.distributed.ray_train import (
@@ -250,6 +251,54 @@ def count_trials(plan: TrialPlan) -> int:
     return points * plan.num_samples
 
 
+ASHA_STATE = "asha_state.pkl"
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive a killed sweep: Tune restores the searcher but hands a resumed experiment
+    the scheduler as it was pickled at the start, with empty rungs, so the trials left after a resume
+    would be compared only among themselves (or run to the end unchallenged). This one writes its state
+    after every event that changes it and reads it back on its first event after a restart."""
+
+    def __init__(self, state_path: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state_path = str(state_path)
+        self._restored = False
+
+    def _load_once(self) -> None:
+        if not self._restored:
+            self._restored = True
+            if os.path.isfile(self._state_path):
+                self.restore(self._state_path)  # updates __dict__ (this flag and the path come back as saved)
+                log.info("ASHA: rungs restored from %s", self._state_path)
+
+    def _save(self) -> None:
+        with atomic_path(Path(self._state_path)) as tmp:
+            self.save(str(tmp))
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load_once()
+        super().on_trial_add(tune_controller, trial)
+        self._save()
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._load_once()
+        decision = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._load_once()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._load_once()
+        if trial.trial_id in self._trial_info:  # a restored trial may be unknown to the saved rungs
+            super().on_trial_remove(tune_controller, trial)
+        self._save()
+
+
 def build_search(plan: TrialPlan):
     """(search_alg, scheduler) for the plan's searcher and scheduler names."""
     search_alg = None
@@ -259,9 +308,8 @@ def build_search(plan: TrialPlan):
         search_alg = OptunaSearch(metric=plan.metric, mode=plan.mode, seed=plan.seed)
     scheduler = None
     if plan.scheduler.get("name") == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(
+        scheduler = ResumableASHA(
+            plan.out_dir / "tune" / ASHA_STATE,
             time_attr="step",
             metric=plan.metric,
             mode=plan.mode,
@@ -296,6 +344,8 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
     plan.base = absolute_paths(plan.base)
     tune_path = plan.out_dir / "tune"
     resume = not restart and tune.Tuner.can_restore(str(tune_path / "trials"))
+    if not resume:
+        (tune_path / ASHA_STATE).unlink(missing_ok=True)  # a new experiment's ASHA starts with empty rungs
     connected = connect_ray(plan.base)
     parent: Tracker = NullTracker()
     try:
