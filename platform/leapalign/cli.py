@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,17 +40,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.train.torch_threads)
     check_inputs(cfg)
-    # Held-out accuracy of the base model first (miniature-world prompts: the exact evaluator).
-    before = None
+    # Held-out accuracy of the base model (miniature-world prompts: the exact evaluator). On the Ray path it
+    # runs in a thread while the cluster starts, the reward deploys and the workers load (mostly waiting on
+    # processes: the evaluation fills that time); in one process it runs first.
+    before: Future | None = None
     if cfg.eval.prompts and not cfg.train.resume:
         from leapalign.evaluation import is_world_prompt_set, load_eval_prompts
 
         if is_world_prompt_set(load_eval_prompts(cfg.eval.prompts, cfg.eval.num_prompts)):
-            before = _evaluate(cfg)
+            before = _in_background(_evaluate, cfg, None, False) if cfg.ray.enabled else _done(_evaluate(cfg))
     run_id, output_dir = train_on_ray(cfg) if cfg.ray.enabled else train_locally(cfg)
     if before is not None:
-        _report_evaluation(cfg, before, output_dir, run_id)
+        _report_evaluation(cfg, before.result(), output_dir, run_id)
     return 0
+
+
+def _in_background(fn, *args) -> Future:
+    """fn(*args) in a thread; .result() returns its value or raises its error."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leapalign-eval")
+    future = executor.submit(fn, *args)
+    executor.shutdown(wait=False)
+    return future
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def check_inputs(cfg: Config) -> None:
@@ -127,10 +144,10 @@ def train_on_ray(cfg: Config) -> tuple[str | None, Path]:
     return result.run_id, Path(result.output_dir)
 
 
-def _evaluate(cfg: Config, run_dir: Path | None = None):
+def _evaluate(cfg: Config, run_dir: Path | None = None, progress: bool = True):
     from leapalign.world.evaluate import evaluate_stage
 
-    return evaluate_stage(cfg, run_dir)
+    return evaluate_stage(cfg, run_dir, progress=progress)
 
 
 def _report_evaluation(cfg: Config, before, output_dir: Path, run_id: str | None) -> None:

@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from leapalign.cli import main
 from tests.conftest import REPO
 
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
@@ -21,20 +23,27 @@ QUICKSTART_FIRST_LOSS = 11.13279914855957  # ray.enabled=false, seed 0
 QUICKSTART_FIRST_REWARD = -1.347558856010437  # the mini scorer's logit on the first rollouts
 
 
-def run_quickstart(out_dir, db, *extra):
-    args = [
-        "train", str(QUICKSTART), "ray.enabled=false", "train.iterations=2", "eval.num_prompts=12",
+def quickstart_args(out_dir, db, *extra) -> list[str]:
+    return [
+        "train", str(QUICKSTART), "train.iterations=2", "eval.num_prompts=12",
         "train.num_samples=2", f"train.output_dir={out_dir}", f"tracking.uri=sqlite:///{db}", *extra,
     ]  # fmt: skip
+
+
+def run_quickstart(out_dir, db, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "leapalign", *args], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
+        [sys.executable, "-m", "leapalign", *quickstart_args(out_dir, db, *extra)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
 
 
 def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
+    """The same quickstart in one process and on the Ray path (its default: a Ray Train worker, the reward on
+    a Serve deployment, the base model evaluated while Ray starts): the same numbers."""
     runs = []
-    for name in ("a", "b"):
-        proc = run_quickstart(tmp_path / name, tmp_path / "mlflow.db")
+    paths = {"a": ["ray.enabled=false"], "b": ["ray.enabled=true", f"ray.storage_path={tmp_path / 'ray'}"]}
+    for name, path in paths.items():
+        proc = run_quickstart(tmp_path / name, tmp_path / "mlflow.db", *path)
         assert proc.returncode == 0, f"quickstart failed: {proc.stderr[-2000:]}"
         assert "held-out accuracy" in proc.stdout and "overall" in proc.stdout, proc.stdout[-1500:]
         metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -46,9 +55,9 @@ def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
     # Pinned: the shipped mini Flux + mini scorer, seed 0, the first LeapAlign update.
     assert losses[0] == pytest.approx(QUICKSTART_FIRST_LOSS, rel=1e-6), f"pinned first loss: {losses}"
     assert m_a[0]["reward/mean"] == pytest.approx(QUICKSTART_FIRST_REWARD, rel=1e-6), "pinned first reward"
-    assert losses == [m["loss"] for m in m_b], "same seed must give the same losses"
+    assert losses == [m["loss"] for m in m_b], "same seed, same losses on both paths"
     assert [m["reward/mean"] for m in m_a] == [m["reward/mean"] for m in m_b], "same seed, same rewards"
-    assert e_a == e_b, f"same seed must give the same held-out accuracy: {e_a} vs {e_b}"
+    assert e_a == e_b, f"same seed, same held-out accuracy before and after on both paths: {e_a} vs {e_b}"
     assert e_a["before"]["n"] == 12 and e_a["after"]["n"] == 12, f"eval summary {e_a}"
     # The base model on the first 12 held-out prompts with the fixed evaluation noise: 3 images correct.
     assert e_a["before"]["image_accuracy"] == pytest.approx(3 / 12), f"pinned base accuracy: {e_a['before']}"
@@ -76,7 +85,9 @@ def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
         ("empty", "no prompts"),
     ],
 )
-def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, content, message):
+def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, capsys, content, message):
+    """The command's own entry (`leapalign.cli.main`, what the console script calls) in this process: the
+    checks run before torch, Ray or MLflow do anything, so no child process is needed to see them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -90,8 +101,15 @@ def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, content, mes
     else:
         pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), bad)
     out, db = tmp_path / "run", tmp_path / "mlflow.db"
-    for key in ("train.prompts", "eval.prompts"):
-        proc = run_quickstart(out, db, f"{key}={bad}")
-        assert proc.returncode == 2, f"{key}: exit {proc.returncode}: {proc.stderr[-800:]}"
-        assert message in proc.stderr, f"{key}: expected {message!r} in {proc.stderr[-800:]!r}"
-        assert not out.exists() and not db.exists(), f"{key}: nothing may be written for a bad prompt file"
+    threads = torch.get_num_threads()  # the command sets train.torch_threads for its process: restored
+    try:
+        for key in ("train.prompts", "eval.prompts"):
+            code = main(quickstart_args(out, db, f"{key}={bad}"))
+            stderr = capsys.readouterr().err
+            assert code == 2, f"{key}: exit {code}: {stderr[-800:]}"
+            assert message in stderr, f"{key}: expected {message!r} in {stderr[-800:]!r}"
+            assert not out.exists() and not db.exists(), (
+                f"{key}: nothing may be written for a bad prompt file"
+            )
+    finally:
+        torch.set_num_threads(threads)

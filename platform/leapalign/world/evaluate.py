@@ -37,11 +37,13 @@ class EvalResult:
         return out
 
 
-def evaluate_policy(policy: FluxPolicy, cfg: Config, prompts: list[str], desc: str = "eval") -> EvalResult:
+def evaluate_policy(
+    policy: FluxPolicy, cfg: Config, prompts: list[str], desc: str = "eval", progress: bool = True
+) -> EvalResult:
     """Sample every prompt images_per_prompt times with the fixed evaluation noise and score them exactly."""
     images, all_prompts = sample_images(
         policy, cfg, prompts, images_per_prompt=cfg.eval.images_per_prompt, desc=desc,
-        noise=noise_set(cfg.eval.prompts),
+        noise=noise_set(cfg.eval.prompts), progress=progress,
     )  # fmt: skip
     scores = evaluate_batch(images.numpy(), all_prompts)
     return EvalResult(
@@ -93,11 +95,14 @@ def save_comparison(before: EvalResult, after: EvalResult, out_dir: Path, num_co
     return [json_path, save_grid(grid, out_dir / "eval_before_after.png")]
 
 
-def evaluate_stage(cfg: Config, run_dir: Path | None = None, device: str | None = None) -> EvalResult:
+def evaluate_stage(
+    cfg: Config, run_dir: Path | None = None, device: str | None = None, progress: bool = True
+) -> EvalResult:
     """Accuracy of the base model (run_dir None) or of a finished run's weights on cfg.eval.prompts."""
     prompts = load_eval_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
     policy = load_policy(cfg, run_dir if run_dir is not None else "base", device)
-    return evaluate_policy(policy, cfg, prompts, desc="eval " + ("aligned" if run_dir else "base"))
+    desc = "eval " + ("aligned" if run_dir else "base")
+    return evaluate_policy(policy, cfg, prompts, desc=desc, progress=progress)
 
 
 def report_comparison(before: EvalResult, after: EvalResult, out_dir: Path, tracker, step: int) -> str:
