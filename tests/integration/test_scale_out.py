@@ -78,7 +78,7 @@ def assert_same_weights(got: dict, want: dict, label: str) -> None:
     # Two micro-batches per update: gradients cross ranks only in the second one's backward (DDP no_sync,
     # FSDP2 set_requires_gradient_sync(False)); FSDP2 also with gradient checkpointing in the blocks.
     [
-        ("fsdp2", {**FULL, "train.grad_accum": 2, "finetune.gradient_checkpointing": "true"}, "transformer"),
+        # (FSDP2 full fine-tuning with LeapAlign: the resharded-resume test below, from its first steps.)
         ("ddp", {**LORA, "train.grad_accum": 2}, "lora"),
         # GRPO: plan, SDE noise and PPO shuffle drawn for the global batch; DanceGRPO's per-sample step
         # subsets leave the ranks different samples at each step, micro-batches of 1 different call counts.
@@ -86,7 +86,7 @@ def assert_same_weights(got: dict, want: dict, label: str) -> None:
         ("fsdp2", {**FULL, **GRPO, "method.grpo.variant": "dance_grpo", "method.grpo.sde": "dance_grpo",
                    "method.grpo.noise_level": 0.3, "method.grpo.micro_batch": 1}, "transformer"),
     ],
-    ids=["fsdp2-full", "ddp-lora", "ddp-lora-flow_grpo", "fsdp2-full-dance_grpo"],
+    ids=["ddp-lora", "ddp-lora-flow_grpo", "fsdp2-full-dance_grpo"],
 )  # fmt: skip
 def test_two_workers_equal_one_process_with_the_combined_batch(
     ray_cluster, tiny_flux_dir, tmp_path, mode, extra, weights
@@ -143,11 +143,15 @@ def test_two_workers_equal_one_process_with_the_combined_batch(
 
 
 def test_fsdp2_checkpoint_resumes_on_one_worker_and_on_two(ray_cluster, tiny_flux_dir, tmp_path):
+    """FSDP2 full fine-tuning with two micro-batches per update (gradients cross ranks only in the second
+    one's backward) and gradient checkpointing in the blocks: 2 workers for steps 1-2 equal one process
+    with the combined batch; their sharded DCP checkpoint resumes on 1 worker, and that one's on 2 again."""
     steps = 4
+    sharded = {**FULL, "train.grad_accum": 2, "finetune.gradient_checkpointing": "true"}
     reference = single_process(
-        tiny_flux_dir, tmp_path / "whole", **{**FULL, "train.iterations": steps, "train.batch_size": 2}
+        tiny_flux_dir, tmp_path / "whole", **{**sharded, "train.iterations": steps, "train.batch_size": 2}
     )
-    common = {**FULL, "train.checkpoint_every": 1, "train.keep_checkpoints": 5}
+    common = {**sharded, "train.checkpoint_every": 1, "train.keep_checkpoints": 5}
     two = {"ray.num_workers": 2, "train.batch_size": 1}  # global batch 2 throughout
     one = {"ray.num_workers": 1, "train.batch_size": 2}
     # 2 workers (fsdp2) steps 1-2 -> 1 worker (no sharding) step 3 -> 2 workers (fsdp2) step 4.
