@@ -24,6 +24,13 @@ from __future__ import annotations
 import os
 import sys
 
+# How idle OpenMP threads wait, for every process a run starts (Ray workers and reward replicas through their
+# runtime_env, the CLI's own process before torch loads). GNU OpenMP's default spins after each parallel
+# region; where busy threads outnumber cores (a Ray worker beside a reward replica, two trials on 2 cores)
+# the spinning threads take the cores the others need. Measured on 2 cores (bench/README.md): the quickstart
+# on the Ray path 5.3 -> 1.5 s per update under load, matmuls in a Ray actor 3.5-5.1 -> 1.0 s. Timing only:
+# the numbers do not change. A value already in the environment wins.
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 CPU_ISAS = ("native", "avx2")
 ISA_ENV = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -36,6 +43,17 @@ def cpu_isa_env(isa: str) -> dict[str, str]:
     if isa not in ISA_ENV:
         raise ValueError(f"train.cpu_isa={isa!r}: use one of {', '.join(CPU_ISAS)}")
     return dict(ISA_ENV[isa])
+
+
+def thread_env() -> dict[str, str]:
+    """THREAD_ENV, with any value this process's environment already sets."""
+    return {key: os.environ.get(key, value) for key, value in THREAD_ENV.items()}
+
+
+def process_env(isa: str) -> dict[str, str]:
+    """What a process this run starts (Ray worker, reward replica) needs in its environment: the kernel pins
+    of `isa` and the thread settings."""
+    return {**thread_env(), **cpu_isa_env(isa)}
 
 
 def use_cpu_isa(isa: str) -> None:

@@ -51,7 +51,7 @@ from leapalign.distributed.reward_service import (
     reward_service_resources,
 )
 from leapalign.models.flux import resolve_model_path
-from leapalign.numerics import cpu_isa_env
+from leapalign.numerics import process_env
 from leapalign.tracking import (
     RUN_RECORD,
     MLflowTracker,
@@ -283,11 +283,10 @@ class RunStorage:
             self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
 
 
-def worker_env(cfg: Config, extra: dict[str, str]) -> dict[str, Any] | None:
-    """The workers' runtime_env: train.cpu_isa's kernel pins (read when a worker's libraries start) and the
-    fault-injection variables."""
-    env_vars = {**cpu_isa_env(cfg.train.cpu_isa), **extra}
-    return {"env_vars": env_vars} if env_vars else None
+def worker_env(cfg: Config, extra: dict[str, str]) -> dict[str, Any]:
+    """The workers' runtime_env: train.cpu_isa's kernel pins (read when a worker's libraries start), the
+    OpenMP thread settings (leapalign.numerics.THREAD_ENV) and the fault-injection variables."""
+    return {"env_vars": {**process_env(cfg.train.cpu_isa), **extra}}
 
 
 def fault_injection_env() -> dict[str, str]:

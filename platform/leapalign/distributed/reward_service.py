@@ -56,7 +56,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from torch import Tensor
 
 from leapalign.config import RewardConfig, with_overrides
-from leapalign.numerics import cpu_isa_env
+from leapalign.numerics import process_env
 from leapalign.rewards.base import (
     REWARD_PATHS,
     REWARDS,
@@ -143,12 +143,11 @@ def serving_plan(reward_cfg: RewardConfig, cpu_isa: str = "native") -> list[Serv
     """The deployments a reward config needs: one, or one per weighted_sum component.
 
     cpu_isa (train.cpu_isa): the replicas' kernels are pinned like the workers' (their runtime_env), so a
-    served reward gives the same numbers on every CPU; it is part of the spec, hence of the app's name."""
-    pins = cpu_isa_env(cpu_isa)
+    served reward gives the same numbers on every CPU; it is part of the spec, hence of the app's name. The
+    replicas' OpenMP threads wait as the workers' do (leapalign.numerics.THREAD_ENV)."""
+    pins = process_env(cpu_isa)
 
     def pinned(spec: ServingSpec) -> ServingSpec:
-        if not pins:
-            return spec
         runtime_env = dict(spec.runtime_env)
         runtime_env["env_vars"] = {**pins, **runtime_env.get("env_vars", {})}
         return replace(spec, runtime_env=runtime_env)
