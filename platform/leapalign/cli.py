@@ -54,8 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def check_inputs(cfg: Config) -> None:
     """Prompt files, the model folder and the output folder, checked before anything is evaluated or written."""
-    from leapalign.data import load_prompts
-    from leapalign.models.flux import resolve_model_path
+    from leapalign.data import load_prompts, resolve_model_path
     from leapalign.training import check_output_dir
 
     resolve_model_path(cfg.model.path)
@@ -258,8 +257,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from leapalign.config import ModelConfig, load_config
-    from leapalign.data import load_prompts
-    from leapalign.models.flux import pick_dtype, resolve_model_path
+    from leapalign.data import load_prompts, pick_dtype, resolve_model_path
     from leapalign.text_cache import check_cache_destination, run_prompt_sets, write_text_cache
 
     cfg = load_config(args.config) if args.config else None

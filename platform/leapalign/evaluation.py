@@ -47,7 +47,7 @@ def noise_set(prompts_path: str | None) -> int:
     """Which evaluation noise a prompt file gets: 1 for a validation split, 0 for everything else. The
     world's validation and test splits share the few captions some categories have ("a red triangle"):
     their images must still come from different noise, or tuning would see the test images."""
-    from leapalign.world.prompts import prompt_split
+    from leapalign.data import prompt_split
 
     return 1 if prompts_path and prompt_split(prompts_path) == "validation" else 0
 

@@ -392,7 +392,7 @@ def _budget(raw: dict[str, Any], where: str, budget_nfe: int | None = None) -> d
 
 def check_selection_prompts(path: str | None, where: str) -> None:
     """Searches select on validation prompts: a file that declares itself the test split is refused."""
-    from leapalign.world.prompts import TEST_SPLITS, prompt_split
+    from leapalign.data import TEST_SPLITS, prompt_split
 
     if path and prompt_split(path) in TEST_SPLITS:
         raise ConfigError(

@@ -257,7 +257,7 @@ def check_run_inputs(cfg: Config) -> None:
 
     Reads, never writes. A reward served by a named application (reward.app) is checked where it is found.
     """
-    from leapalign.models.flux import resolve_model_path
+    from leapalign.data import resolve_model_path
     from leapalign.rewards.base import build_reward
 
     resolve_model_path(cfg.model.path)

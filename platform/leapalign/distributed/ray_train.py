@@ -41,7 +41,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from leapalign.config import Config, with_overrides
-from leapalign.data import load_prompts
+from leapalign.data import load_prompts, resolve_model_path
 from leapalign.distributed.progress import ForwardWarnings, RunProgress, follow, step_headline
 from leapalign.distributed.reward_service import (
     absolute_reward_paths,
@@ -50,7 +50,6 @@ from leapalign.distributed.reward_service import (
     make_reward_fn,
     reward_service_resources,
 )
-from leapalign.models.flux import resolve_model_path
 from leapalign.numerics import cpu_isa_env
 from leapalign.tracking import (
     RUN_RECORD,
