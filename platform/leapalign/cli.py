@@ -25,11 +25,10 @@ from leapalign.io import atomic_path
 from leapalign.logs import quiet_libraries
 from leapalign.numerics import use_cpu_isa
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
-
 
 def cmd_train(args: argparse.Namespace) -> int:
     from leapalign.config import load_config
+    from leapalign.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     use_cpu_isa(cfg.train.cpu_isa)  # before any kernel runs in this process
@@ -38,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(cfg.train.torch_threads)
-    check_inputs(cfg)
+    preflight(cfg)
     # Held-out accuracy of the base model first (miniature-world prompts: the exact evaluator).
     before = None
     if cfg.eval.prompts and not cfg.train.resume:
@@ -52,35 +51,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_inputs(cfg: Config) -> None:
-    """Prompt files, the model folder and the output folder, checked before anything is evaluated or written."""
-    from leapalign.data import load_prompts, resolve_model_path
-    from leapalign.training import check_output_dir
-
-    resolve_model_path(cfg.model.path)
-    load_prompts(cfg.train.prompts)
-    if cfg.eval.prompts:
-        load_prompts(cfg.eval.prompts)
-    check_output_dir(cfg)
-    if cfg.model.text_cache:  # every prompt the run encodes (train + held-out) must be cached, for this model
-        from leapalign.text_cache import check_run_text_cache
-
-        check_run_text_cache(cfg)
-    if cfg.train.resume and not cfg.ray.enabled:
-        from leapalign.training import latest_local_checkpoint
-
-        if latest_local_checkpoint(Path(cfg.train.output_dir)) is None:
-            raise FileNotFoundError(
-                f"train.resume=true but {Path(cfg.train.output_dir) / 'checkpoints'} holds no checkpoint; "
-                f"drop train.resume to start the run"
-            )
-
-
 def train_locally(cfg: Config) -> tuple[str | None, Path]:
     """This process, no Ray. Checkpoints in OUTPUT/checkpoints; train.resume=true continues the same MLflow run."""
+    from leapalign.run_folder import clear_output_dir
     from leapalign.tracking import RUN_RECORD, MLflowTracker, ResumableTracker, open_tracker
     from leapalign.train import train
-    from leapalign.training import clear_output_dir
 
     out_dir = Path(cfg.train.output_dir)
     record_path = out_dir / RUN_RECORD
@@ -383,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from leapalign.preflight import USER_ERRORS  # after parsing: `--help` stays quick (no torch)
+
     try:
         return args.func(args)
     except USER_ERRORS as err:

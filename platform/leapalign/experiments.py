@@ -54,11 +54,12 @@ from leapalign.config import (
     ConfigError,
     _yaml_float,
     config_to_dict,
+    flatten_config,
     load_config,
     with_cli_overrides,
     with_overrides,
 )
-from leapalign.training import check_run_inputs
+from leapalign.preflight import preflight
 
 SEARCHERS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -119,7 +120,7 @@ def parse_param(key: str, raw: Any) -> ParamSpec:
 
 def check_search_space(base: Config, search: dict[str, ParamSpec]) -> None:
     """Every key exists in the config and every value the distribution can produce is a valid value."""
-    flat = base_flat(base)
+    flat = flatten_config(base)
     for spec in search.values():
         for key in spec.when:
             if key not in flat and key not in search:
@@ -134,15 +135,9 @@ def check_search_space(base: Config, search: dict[str, ParamSpec]) -> None:
                 raise ConfigError(f"search.{spec.key}: {err}") from None
 
 
-def base_flat(cfg: Config) -> dict[str, Any]:
-    from leapalign.config import flatten_config
-
-    return flatten_config(cfg)
-
-
 def active_overrides(params: dict[str, Any], search: dict[str, ParamSpec], base: Config) -> dict[str, Any]:
     """The sampled params whose `when` condition holds (the others would not change the run)."""
-    flat = base_flat(base)
+    flat = flatten_config(base)
     return {
         key: value for key, value in params.items() if key not in search or search[key].active(params, flat)
     }
@@ -266,7 +261,7 @@ def load_sweep_spec(path: str | Path, config_overrides: list[str] | None = None)
         raise ConfigError(f"{path}: `search:` must map at least one dotted config key to a distribution")
     search = {key: parse_param(key, value) for key, value in search_raw.items()}
     check_search_space(base, search)
-    check_run_inputs(base)
+    preflight(base, run_folder=False)  # each trial checks its own folder when it starts
     searcher = raw.get("searcher", "random")
     if searcher not in SEARCHERS:
         raise ConfigError(f"{path}: unknown searcher {searcher!r}; choose one of {', '.join(SEARCHERS)}")
@@ -567,10 +562,9 @@ def load_compare_spec(
             except ConfigError as err:
                 raise ConfigError(f"{path}: tuning run {label!r}: {err}") from None
             check_metric(spec.tune.metric, [trial_cfg])
-    for cfg in {
-        (c.model.path, c.train.prompts, c.eval.prompts, c.reward.name): c for c in configs.values()
-    }.values():
-        check_run_inputs(cfg)
+            preflight(trial_cfg, run_folder=False)
+    for cfg in configs.values():
+        preflight(cfg, run_folder=False)
     check_metric(spec.metric, list(configs.values()))
     return spec
 

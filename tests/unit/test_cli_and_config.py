@@ -108,7 +108,8 @@ def test_help_and_module_entry_point():
 
 def test_core_never_imports_ray():
     code = (
-        "import sys, leapalign, leapalign.train, leapalign.training, leapalign.cli, leapalign.methods, "
+        "import sys, leapalign, leapalign.train, leapalign.run, leapalign.run_folder, leapalign.finetune, "
+        "leapalign.preflight, leapalign.rewards.serving, leapalign.cli, leapalign.methods, "
         "leapalign.methods.grpo, leapalign.methods.nft, leapalign.methods.awm, leapalign.recipes.direct, "
         "leapalign.recipes.grpo, leapalign.recipes.forward, leapalign.evaluation, "
         "leapalign.models.flux, leapalign.models.tiny, leapalign.compute, "

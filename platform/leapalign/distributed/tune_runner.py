@@ -81,10 +81,17 @@ class TrialRecord:
 
 
 def trial_main(params: dict[str, Any], plan: TrialPlan, parent_run_id: str | None) -> None:
-    """One trial: the base config plus the trial's overrides, trained through run_on_ray."""
+    """One trial: the base config plus the trial's overrides, trained through run_on_ray (its preflight
+    first: a trial's inputs are checked as a `leapalign train` run's)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(params, plan, tune.get_context().get_trial_id())
+    run_on_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id, show_progress=False)
+
+
+def trial_config(params: dict[str, Any], plan: TrialPlan, trial_id: str) -> Config:
+    """A trial's run config: its own run folder, Train storage and MLflow run name; a trial restarted by a
+    resumed experiment continues its own Train run (and its MLflow run)."""
     storage_path = str(plan.out_dir / "train")
     cfg = with_overrides(
         plan.configure(params),
@@ -95,10 +102,8 @@ def trial_main(params: dict[str, Any], plan: TrialPlan, parent_run_id: str | Non
             "tracking.run_name": plan.run_label(params) or trial_id,
         },
     )
-    # A trial restarted by a resumed experiment continues its own Train run (and its MLflow run).
     resume = RunStorage(storage_path, trial_id).read_record() is not None
-    cfg = with_overrides(cfg, {"train.resume": resume, "train.overwrite": not resume})
-    run_on_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id, show_progress=False)
+    return with_overrides(cfg, {"train.resume": resume, "train.overwrite": not resume})
 
 
 def per_trial_resources(cfg: Config) -> dict[str, float]:
