@@ -48,7 +48,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from leapalign.config import FinetuneConfig
 from leapalign.finetune import apply_finetune
-from leapalign.methods.draft import full_backprop_rollout
+from leapalign.methods.full_backprop import full_backprop_rollout
 from leapalign.methods.leapalign import hinge_loss, rollout_with_leaps, similarity_weight
 from leapalign.methods.refl import refl_rollout
 from leapalign.models.flux import FluxPolicy, PromptEmbeds

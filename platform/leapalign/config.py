@@ -123,18 +123,11 @@ class LeapConfig:
         )
 
 
+# The choices of the method sections (leapalign.methods checks its arguments against the same lists).
 WEIGHTINGS = ("both", "d_j", "d_0", "none")
-DIRECT_METHODS = (
-    "leapalign",
-    "refl",
-    "draft_lv",
-    "drtune",
-    "full_backprop",
-)  # (loss, metrics) per micro-batch
-METHODS = (*DIRECT_METHODS, "grpo", "nft", "awm")  # grpo, nft, awm: rollouts in groups, then updates
-FORWARD_METHODS = ("nft", "awm")  # train on re-noised clean samples (leapalign.recipes.forward)
 GRPO_VARIANTS = ("flow_grpo", "dance_grpo", "mixgrpo", "fast")
 SDE_KINDS = ("flow_grpo", "dance_grpo", "cps")
+STD_SCOPES = ("group", "batch")
 
 
 def _check_hinge(section: str, hinge: float) -> None:
@@ -253,7 +246,7 @@ class GRPOConfig:
         _check(self.noise_level > 0, f"method.grpo.noise_level={self.noise_level}: use > 0 (0 is the ODE)")
         _check(self.group_size >= 2, f"method.grpo.group_size={self.group_size}: a group needs >= 2 images")
         _check(
-            self.std_scope in ("batch", "group"),
+            self.std_scope in STD_SCOPES,
             f"method.grpo.std_scope={self.std_scope!r}: choose batch or group",
         )
         _check(self.adv_clip > 0, f"method.grpo.adv_clip={self.adv_clip}: use > 0")
@@ -292,9 +285,7 @@ def _check_forward_common(section: str, opts: Any) -> None:
     """The checks DiffusionNFT's and AWM's sections share (rollout groups, timesteps, copy decay, updates)."""
     where = f"method.{section}"
     _check(opts.group_size >= 2, f"{where}.group_size={opts.group_size}: a group needs >= 2 images")
-    _check(
-        opts.std_scope in ("batch", "group"), f"{where}.std_scope={opts.std_scope!r}: choose batch or group"
-    )
+    _check(opts.std_scope in STD_SCOPES, f"{where}.std_scope={opts.std_scope!r}: choose batch or group")
     _check(opts.adv_clip > 0, f"{where}.adv_clip={opts.adv_clip}: use > 0")
     _check(opts.train_timesteps >= 1, f"{where}.train_timesteps={opts.train_timesteps}: use >= 1")
     _check(
@@ -380,6 +371,10 @@ class AWMConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
+    """method.name and one section per method. Which code runs a method and what an update of it costs is
+    the method table, leapalign.methods.METHODS (it imports these sections, so the names are read here from
+    the sections themselves, and the table checks that it has a row for each)."""
+
     name: str = "leapalign"  # leapalign | refl | draft_lv | drtune | full_backprop | grpo | nft | awm
     leapalign: LeapAlignConfig = field(default_factory=LeapAlignConfig)
     refl: ReFLConfig = field(default_factory=ReFLConfig)
@@ -391,12 +386,18 @@ class MethodConfig:
     awm: AWMConfig = field(default_factory=AWMConfig)
 
     def __post_init__(self) -> None:
-        _check(self.name in METHODS, f"method.name={self.name!r}: choose one of {', '.join(METHODS)}")
+        names = method_names()
+        _check(self.name in names, f"method.name={self.name!r}: choose one of {', '.join(names)}")
 
     @property
     def options(self) -> Any:
         """The section of the chosen method (cfg.method.options.hinge, ...)."""
         return getattr(self, self.name)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method.name: the sections of MethodConfig, in their order."""
+    return tuple(f.name for f in dataclasses.fields(MethodConfig) if f.name != "name")
 
 
 @dataclass(frozen=True)
@@ -636,6 +637,9 @@ class TrackingConfig:
     run_name: str | None = None  # MLflow run name; None lets MLflow pick one
 
 
+STRATEGIES = ("auto", "none", "ddp", "fsdp2")  # ray.strategy (leapalign.parallel.resolve_strategy)
+
+
 @dataclass(frozen=True)
 class RayConfig:
     enabled: bool = True  # train on Ray Train workers; false = this one process, no Ray
@@ -661,7 +665,7 @@ class RayConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers}: use >= 1")
         _check(
-            self.strategy in ("auto", "none", "ddp", "fsdp2"),
+            self.strategy in STRATEGIES,
             f"ray.strategy={self.strategy!r}: use auto, none, ddp or fsdp2",
         )
         _check(
@@ -731,7 +735,7 @@ class Config:
                 f"method.grpo.updates_per_rollout={self.method.grpo.updates_per_rollout} exceeds the "
                 f"{images} images of a rollout (train.batch_size x group_size): each update needs samples",
             )
-        if self.method.name in FORWARD_METHODS:
+        if isinstance(self.method.options, NFTConfig | AWMConfig):  # trained on re-noised clean samples
             opts, where = self.method.options, f"method.{self.method.name}"
             _check(
                 not (opts.kl_beta > 0 and self.finetune.mode != "lora"),

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from leapalign.config import STRATEGIES
+
 log = logging.getLogger("leapalign")
 
-STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 DCP_FOLDER_MARKER = ".metadata"  # what torch.distributed.checkpoint writes last: a complete checkpoint
 TRAIN_STATE_FILE = "train_state.pt"
 

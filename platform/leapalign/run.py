@@ -38,6 +38,7 @@ from leapalign.finetune import EMA, setup_policy
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
 from leapalign.logs import STEP_LOG
+from leapalign.methods import METHODS
 from leapalign.methods.common import StepRandomness
 from leapalign.numerics import use_cpu_isa
 from leapalign.parallel import (
@@ -62,8 +63,6 @@ from leapalign.streams import PromptOrder, stream, stream_seed
 from leapalign.tracking import NullTracker, Tracker
 
 log = logging.getLogger("leapalign")
-
-WEIGHT_COPIES = {"nft": "the old policy", "awm": "the EMA policy (KL target)"}  # TrainingRun.policy_copy
 
 
 def to_floats(metrics: dict[str, float | Tensor]) -> dict[str, float]:
@@ -175,7 +174,7 @@ class TrainingRun:
         # A method's own copy of the trained weights, beside the EMA and checkpointed with the run: DiffusionNFT's
         # old policy (it samples the rollouts), AWM's EMA policy (its KL target). Both start as the initial
         # weights; the recipe moves them with its scheduled decay (swap it in with `policy_copy.swapped()`).
-        self.policy_copy = EMA(self.params, 0.0) if cfg.method.name in WEIGHT_COPIES else None
+        self.policy_copy = EMA(self.params, 0.0) if METHODS[cfg.method.name].weight_copy else None
         # Global streams: the same seed on every rank, draws for the global batch, each rank its slice.
         self.prompt_order = PromptOrder(
             prompts, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size

@@ -17,6 +17,7 @@ from typing import Any
 
 from leapalign.config import Config
 from leapalign.logs import run_log_file
+from leapalign.methods import METHODS
 from leapalign.run import StepHook, TrainingRun, TrainResult
 from leapalign.run_folder import resume_checkpoint
 
@@ -46,11 +47,12 @@ def train(
         run.begin(resume_from)
         # A local run (no Ray hook) stops cleanly on Ctrl-C: the current step ends and is checkpointed.
         with finish_step_on_interrupt(run) if on_step_end is None else nullcontext():
-            if cfg.method.name == "grpo":
+            recipe = METHODS[cfg.method.name].recipe
+            if recipe == "grpo":
                 from leapalign.recipes.grpo import train_grpo
 
                 train_grpo(run)
-            elif cfg.method.name in ("nft", "awm"):
+            elif recipe == "forward":
                 from leapalign.recipes.forward import train_forward
 
                 train_forward(run)
