@@ -40,7 +40,7 @@ def worker(args: argparse.Namespace) -> None:
     from leapalign.logs import quiet_libraries
     from leapalign.methods import DIRECT_METHODS
     from leapalign.run import TrainingRun
-    from leapalign.world.evaluator import evaluate_batch
+    from leapalign.world.judge import evaluate_batch
 
     quiet_libraries()
     overrides = [

@@ -494,8 +494,7 @@ def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
 
 
 def _run_compare(spec, out_dir: Path, *, restart: bool) -> Path:
-    from leapalign.comparison import collect_runs, summarise, tuning_section, write_report
-    from leapalign.evaluation import sample_report_grid
+    from leapalign.comparison import compare_report
 
     runs = spec.runs
     chosen, tuning = tune_methods(spec, out_dir, restart=restart) if spec.tune is not None else ({}, [])
@@ -532,20 +531,7 @@ def _run_compare(spec, out_dir: Path, *, restart: bool) -> Path:
             entries.append(
                 (label, seed, folder, error if record is None or record.status == "ERROR" else None)
             )
-    results = collect_runs(entries, spec.metric)
-    summary = summarise(
-        results, spec.metric, reference=spec.reference, unit=spec.unit, target_share=spec.target_share
-    )
-    grid = sample_report_grid(
-        absolute_paths(spec.base), [(label, next((r.run_dir for r in results if r.label == label and r.usable), None))
-                                    for label in runs]
-    )  # fmt: skip
-    title = f"{spec.name}: {', '.join(runs)}, {len(spec.seeds)} seeds"
-    budget = f"Every run stopped once it had used {spec.budget_text()} (seeds {spec.seeds})."
-    extra = tuning_section(spec, chosen, tuning) if spec.tune is not None else []
-    report = write_report(
-        summary, results, out_dir / "report", title=title, budget=budget, grid=grid, extra=extra
-    )
+    report = compare_report(spec, absolute_paths(spec.base), entries, out_dir / "report", chosen, tuning)
     parent.log_params({"compare.budget": json.dumps(spec.budget), "compare.seeds": str(spec.seeds),
                        "compare.runs": ", ".join(runs), "compare.metric": spec.metric,
                        "compare.reference": spec.reference, "compare.tuned": spec.tune is not None})  # fmt: skip

@@ -1,6 +1,6 @@
 """Train the miniature world's learned prompt-image scorer: a tiny CLIPModel, the PickScore/HPS analogue.
 
-The exact evaluator (`evaluator.py`) is the GenEval analogue: rule-based, not differentiable. The
+The exact evaluator (`judge.py`) is the GenEval analogue: rule-based, not differentiable. The
 direct-gradient methods need a *learned, differentiable* reward instead, as PickScore/HPS are for Flux.
 This module trains one: a real `transformers.CLIPModel` (ViT over 4 px patches of 32 px images, a
 causal text transformer over the world's caption words) on generated data, and saves it as an HF
@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leapalign.world.evaluator import DetectedObject, relative_position
+from leapalign.world.judge import DetectedObject, relative_position
 from leapalign.world.prompts import (
     HELD_OUT_PAIRS,
     PromptRecord,
