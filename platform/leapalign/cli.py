@@ -1,12 +1,18 @@
-"""`leapalign` command line: train, embed, build-tiny, show-config.
+"""`leapalign` command line: train, eval, compare, seeds, sweep, reward convert, build-tiny, embed, show-config.
 
     leapalign train experiments/quickstart.yaml method.leapalign.alpha=0.1 train.seed=3
     leapalign train experiments/world/grpo.yaml train.resume=true
+    leapalign eval outputs/quickstart assets/prompts/world/eval.parquet
+    leapalign compare experiments/compare/world_methods.yaml
+    leapalign seeds outputs/quickstart_seed0 outputs/quickstart_seed1
+    leapalign sweep experiments/sweeps/world_leap.yaml
+    leapalign reward convert HPS_v2.1_compressed.pt OUT
     leapalign build-tiny /tmp/tiny-flux
     leapalign embed --config experiments/quickstart.yaml outputs/text-cache   # then model.text_cache=...
     leapalign show-config experiments/quickstart.yaml leap.distribution=beta
 
-Bad input (config, prompt file, model folder ...) prints one line saying what to fix and exits 2.
+Bad input (config, prompt file, model folder ...) prints one line saying what to fix and exits 2
+(leapalign.preflight checks a run's inputs before anything starts).
 """
 
 from __future__ import annotations
@@ -284,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LeapAlign (arXiv 2604.15311): align Flux with reward gradients at any generation step.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="run LeapAlign training from a YAML config")
+    p = sub.add_parser("train", help="one training run (any method.name) from a YAML config")
     p.add_argument("config", help="YAML config, e.g. experiments/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.leapalign.alpha=0.1")
     p.set_defaults(func=cmd_train)

@@ -3,6 +3,10 @@
 Every field has a default and a one-line comment (unit, valid range). `__post_init__` rejects bad
 values with a message that says how to fix them. Unknown keys are errors. The dotted keys used on
 the command line (`method.leapalign.alpha=0.3`) are the same ones Ray Tune search spaces and MLflow params use.
+
+Why one file over 500 lines: every key of a run, its default and its comment in one place (what
+`show-config` prints and a reader greps), and the checks across sections (`Config.__post_init__`) beside
+the sections they read.
 """
 
 from __future__ import annotations
@@ -69,9 +73,8 @@ class SamplerConfig:
     height: int = 720  # pixels; a multiple of 16
     width: int = 720  # pixels; a multiple of 16
     guidance_scale: float = 3.5  # Flux guidance embedding (distilled CFG); >= 0
-    compile: bool | str = (
-        "auto"  # torch.compile the no-grad forwards (rollouts, eval): auto (CUDA) | true | false
-    )
+    # torch.compile the no-grad forwards (rollouts, eval): auto (CUDA) | true | false
+    compile: bool | str = "auto"
 
     def __post_init__(self) -> None:
         _check(
@@ -136,15 +139,13 @@ def _check_hinge(section: str, hinge: float) -> None:
 
 @dataclass(frozen=True)
 class LeapAlignConfig:
-    alpha: float = (
-        0.3  # gradient discount on the model input at step j; 0..1 (paper: 0.3 HPSv2.1, 0.1 PickScore)
-    )
+    # gradient discount on the model input at step j; 0..1 (paper: 0.3 HPSv2.1, 0.1 PickScore)
+    alpha: float = 0.3
     tau: float = 0.1  # floor of each trajectory distance in the similarity weight; > 0 (w <= 1/(2 tau))
     hinge: float = 0.55  # lambda: loss = w * max(0, lambda - reward); reward units
     weighting: str = "both"  # similarity weight from: both | d_j | d_0 | none (ablation)
-    reward_on: str = (
-        "final"  # reward on the real decoded x_0 (final) or on the leap's x_hat_0 (leap; ablation)
-    )
+    # reward on the real decoded x_0 (final) or on the leap's x_hat_0 (leap; ablation)
+    reward_on: str = "final"
     pairs_per_rollout: int = 1  # leap pairs drawn per rollout (beyond the paper); >= 1; cost ~N + 6P forwards
 
     def __post_init__(self) -> None:
@@ -210,9 +211,8 @@ class FullBackpropConfig:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    variant: str = (
-        "flow_grpo"  # which steps are stochastic and trained: flow_grpo | dance_grpo | mixgrpo | fast
-    )
+    # which steps are stochastic and trained: flow_grpo | dance_grpo | mixgrpo | fast
+    variant: str = "flow_grpo"
     sde: str = "flow_grpo"  # SDE step: flow_grpo (std a sqrt(s/(1-s))) | dance_grpo (std eta sqrt(-dt)) | cps
     noise_level: float = 0.7  # a (eta for dance_grpo); > 0 (Flow-GRPO: 0.9 Flux, 0.7 SD3.5; DanceGRPO: 0.3)
     group_size: int = 8  # G images per prompt; >= 2 (Flow-GRPO 24, DanceGRPO 12)
@@ -220,22 +220,18 @@ class GRPOConfig:
     std_scope: str = "batch"  # advantage std over the gathered batch (Flow-GRPO) or per group (DanceGRPO)
     adv_clip: float = 5.0  # advantages clamped to +-adv_clip; > 0
     clip_range: float = 1e-4  # PPO ratio clip eps; > 0 (Flow-GRPO 1e-4, Fast 1e-5)
-    kl_beta: float = (
-        0.0  # KL to the reference (LoRA adapter off), Flow-GRPO's: mean (mu - mu_ref)^2 / 2g^2; >= 0
-    )
-    train_fraction: float = (
-        0.99  # flow_grpo: first int(f N) steps trained; dance_grpo: round(f N) random steps; (0, 1]
-    )
+    # KL to the reference (LoRA adapter off), Flow-GRPO's: mean (mu - mu_ref)^2 / 2g^2; >= 0
+    kl_beta: float = 0.0
+    # flow_grpo: first int(f N) steps trained; dance_grpo: round(f N) random steps; (0, 1]
+    train_fraction: float = 0.99
     window_size: int = 4  # mixgrpo: SDE steps in the sliding window; >= 1
     window_shift_every: int = 25  # mixgrpo: the window moves one step later every this many iterations; >= 1
     updates_per_rollout: int = 1  # optimizer steps per rollout batch (the samples are split among them); >= 1
-    micro_batch: int = (
-        0  # images per transformer call when sampling and training; 0 = the whole rollout batch
-    )
+    # images per transformer call when sampling and training; 0 = the whole rollout batch
+    micro_batch: int = 0
     ratio: str = "standard"  # PPO importance ratio: standard | guard (GRPO-Guard's step-normalised ratio)
-    advantages: str = (
-        "total"  # total (the summed reward's) | per_component (each reward in its group; MixGRPO)
-    )
+    # total (the summed reward's) | per_component (each reward in its group; MixGRPO)
+    advantages: str = "total"
 
     def __post_init__(self) -> None:
         _check(
@@ -314,13 +310,11 @@ class NFTConfig:
     beta: float = 1.0  # v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v; > 0 (DiffusionNFT: 1)
     train_timesteps: int = 2  # K grid sigmas trained per sample; 1..num_steps (Flow-Factory Flux: 2)
     timestep_range: float = 0.7  # K drawn among the first int(f N) steps (noise end); (0, 1]
-    timestep_sampling: str = (
-        "stratified"  # stratified (Flow-Factory) | random (DiffusionNFT: a random subset)
-    )
+    # stratified (Flow-Factory) | random (DiffusionNFT: a random subset)
+    timestep_sampling: str = "stratified"
     kl_beta: float = 0.0  # mean (v - v_ref)^2 to the adapter-off reference; >= 0 (DiffusionNFT: 1e-4)
-    decay_rate: float = (
-        0.001  # old policy <- d old + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
-    )
+    # old policy <- d old + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
+    decay_rate: float = 0.001
     decay_cap: float = 0.5  # cap of d; [0, 1), 0 = on-policy (DiffusionNFT: 0.5)
     updates_per_rollout: int = 1  # optimizer steps per rollout (the samples are split among them); >= 1
     micro_batch: int = 0  # images per transformer call when sampling and training; 0 = the whole batch
@@ -335,25 +329,21 @@ class NFTConfig:
 @dataclass(frozen=True)
 class AWMConfig:
     group_size: int = 8  # G images per prompt; >= 2 (AWM SD3.5: 24, Flow-Factory Flux: 16)
-    std_scope: str = (
-        "batch"  # advantage std over the gathered batch (Flow-Factory global_std=true) or per group
-    )
-    adv_clip: float = (
-        1.0  # advantages clamped to +-adv_clip; > 0 (Flow-Factory Flux: 1; AWM: 5 rescaled to 1)
-    )
+    # advantage std over the gathered batch (Flow-Factory global_std=true) or per group
+    std_scope: str = "batch"
+    # advantages clamped to +-adv_clip; > 0 (Flow-Factory Flux: 1; AWM: 5 rescaled to 1)
+    adv_clip: float = 1.0
     clip_range: float = 1.0  # PPO ratio clip eps; > 0 (AWM and Flow-Factory: 1)
-    weighting: str = (
-        "ghuber"  # log p from the matching error: uniform | t | t2 | huber | ghuber (AWM default)
-    )
+    # log p from the matching error: uniform | t | t2 | huber | ghuber (AWM default)
+    weighting: str = "ghuber"
     ghuber_power: float = 0.25  # q of ghuber: -((m + 1e-10)^q - 1e-10^q) t / q; > 0
     train_timesteps: int = 4  # K grid sigmas trained per sample; 1..num_steps (AWM: 6, Flow-Factory Flux: 4)
     timestep_range: float = 0.7  # K drawn among the first int(f N) steps (noise end); (0, 1] (AWM: 0.9)
     timestep_sampling: str = "stratified"  # stratified (AWM's discrete) | random
     kl_beta: float = 0.0  # mean (v - v_ref)^2 to the adapter-off reference; >= 0 (AWM: 1e-4, Flow-Factory: 0)
     ema_kl_beta: float = 0.1  # mean (v - v_ema)^2 to the EMA policy; >= 0 (AWM: 1, Flow-Factory Flux: 0.1)
-    decay_rate: float = (
-        0.001  # EMA policy <- d ema + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
-    )
+    # EMA policy <- d ema + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
+    decay_rate: float = 0.001
     decay_cap: float = 0.3  # cap of d; [0, 1) (AWM and Flow-Factory: 0.3)
     updates_per_rollout: int = 1  # optimizer steps per rollout (the samples are split among them); >= 1
     micro_batch: int = 0  # images per transformer call when sampling and training; 0 = the whole batch
@@ -541,28 +531,24 @@ class TrainConfig:
     iterations: int = 300  # updates (paper: 300; GRPO: rollout batches, each followed by its PPO steps); >= 1
     batch_size: int = 4  # prompts per micro-batch (GRPO: prompts per rollout, x group_size images); >= 1
     grad_accum: int = 1  # micro-batches per optimizer step (direct-gradient methods); >= 1
-    max_nfe: int = (
-        0  # compute budget in transformer image forward-equivalents (compute/nfe_total); 0 = no cap
-    )
+    # compute budget in transformer image forward-equivalents (compute/nfe_total); 0 = no cap
+    max_nfe: int = 0
     max_flops: float = 0.0  # compute budget in FLOPs of the whole update (compute/flops_total); 0 = no cap
     seed: int = 0  # seeds noise, prompt order and the methods' step draws; same seed -> same numbers
     prompts: str = "assets/prompts/demo.txt"  # .txt (one per line) or .parquet with a `prompt` column
     output_dir: str = "outputs/run"  # where config, weights, grids, local checkpoints go; created if missing
-    overwrite: bool = (
-        False  # replace an existing run in output_dir (its files and checkpoints); false = refuse
-    )
+    # replace an existing run in output_dir (its files and checkpoints); false = refuse
+    overwrite: bool = False
     resume: bool = False  # continue the run in output_dir (or ray storage) from its newest checkpoint
     checkpoint_every: int = 50  # write a checkpoint every N updates and at the last; >= 1
     keep_checkpoints: int = 2  # newest checkpoints kept; >= 1
     sample_every: int = 0  # save a sample grid every N steps; 0 = only before and after
     num_samples: int = 4  # prompts in each sample grid; >= 1
     log_every: int = 1  # log metrics every N steps; >= 1
-    torch_threads: int = (
-        0  # torch CPU threads per process; 0 = torch's default (the core count: machine-dependent numbers)
-    )
-    cpu_isa: str = (
-        "native"  # CPU kernels: native | avx2 (the same numbers on every x86-64 CPU; leapalign.numerics)
-    )
+    # torch CPU threads per process; 0 = torch's default (the core count: machine-dependent numbers)
+    torch_threads: int = 0
+    # CPU kernels: native | avx2 (the same numbers on every x86-64 CPU; leapalign.numerics)
+    cpu_isa: str = "native"
 
     def __post_init__(self) -> None:
         _check(self.iterations >= 1, f"train.iterations={self.iterations}: use >= 1")
@@ -599,9 +585,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    prompts: str | None = (
-        None  # held-out prompt file (world .parquet: exact evaluator + reward; .txt: reward); None = off
-    )
+    # held-out prompt file (world .parquet: exact evaluator + reward; .txt: reward); None = off
+    prompts: str | None = None
     num_prompts: int = 120  # before/after evaluation: the first N prompts of the file; >= 1
     images_per_prompt: int = 1  # samples per prompt (different noise); >= 1
     batch_size: int = 32  # prompts per sampling batch; >= 1
@@ -649,9 +634,8 @@ class RayConfig:
     # batch_size B give the numbers of 1 worker with 2B, up to float rounding)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; > 0
     use_gpu: bool = False  # one GPU per worker, NCCL for gradients; false = CPU workers (gloo)
-    storage_path: str | None = (
-        None  # Ray checkpoints in STORAGE/RUN; None = ray_results beside train.output_dir
-    )
+    # Ray checkpoints in STORAGE/RUN; None = ray_results beside train.output_dir
+    storage_path: str | None = None
     run_name: str | None = None  # the run's folder under storage_path; None = train.output_dir's name
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint; -1 = no limit
     # How the workers share the transformer (leapalign.parallel): auto = none for one worker, ddp for LoRA,

@@ -20,6 +20,9 @@ reshards; keep the global batch ray.num_workers x train.batch_size to keep the n
 MLflow without duplicates: rank 0 logs every step as it ends (live curves) and, when it starts, asks MLflow
 for the last step it holds; steps replayed after a restart or a resume (the same numbers again) are dropped
 (tracking.ResumableTracker). Metrics also reach Ray every step, so a Tune scheduler sees the curve.
+
+Why one file over 500 lines: the driver and the worker of one Ray Train run, which pass each other the
+config, the checkpoint hook and the run's identity.
 """
 
 from __future__ import annotations

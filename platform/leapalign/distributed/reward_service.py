@@ -29,6 +29,10 @@ sweep trials with the same reward share one deployment (ensure_reward_service fi
 saved with such a name deploys it again on a fresh cluster. Lifetime: applications live until
 `serve.delete(app)` (or `python -m reward_servers.serve --stop APP`), `serve.shutdown()` or the cluster
 stops; a private cluster started by `leapalign train` takes them with it.
+
+Why one file over 500 lines: both sides of the gradient bridge (the replica's `RewardModel` and the
+worker's `ServedReward`) and the deployment that joins them, read together; what is served (the plan
+and its checks, no Ray) is leapalign.rewards.serving.
 """
 
 from __future__ import annotations

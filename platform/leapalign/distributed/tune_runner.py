@@ -12,6 +12,10 @@ Folders under the experiment's out_dir:
     experiment.json   the parent MLflow run a resumed experiment reattaches to
 Resuming (the same command again): finished trials are kept, unfinished ones restart from their own
 newest checkpoint, and every MLflow run and step exists once (nested runs reattach by run record).
+
+Why one file over 500 lines: the trial engine (plans, callbacks, resume) and the two commands built on
+it, which differ only in their plans; the reports themselves are leapalign.reports and
+leapalign.comparison.
 """
 
 from __future__ import annotations

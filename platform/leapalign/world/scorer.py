@@ -49,6 +49,9 @@ degraded and clean renders. The scores come from `ClipScore` loading the saved f
 figures describe what ships. Launch:
 
     python -m leapalign.world.scorer --out platform/leapalign/assets/mini-scorer
+
+Why one file over 500 lines: a self-contained training script (data, model, loss, loop, its own
+evaluation) for a shipped asset; nothing on the training path imports it.
 """
 
 from __future__ import annotations
