@@ -94,7 +94,7 @@ def train_locally(cfg: Config) -> tuple[str | None, Path]:
 
 def train_on_ray(cfg: Config) -> tuple[str | None, Path]:
     """The same loop on Ray Train workers (imported only here: the core never imports ray)."""
-    from leapalign.distributed.ray_train import run_on_ray
+    from leapalign.distributed.ray_train import run_on_ray  # noqa: TID251 (the entry reaches the Ray edge)
 
     result = run_on_ray(cfg)
     m = result.metrics
@@ -181,7 +181,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.spec, args.overrides, budget_nfe=args.budget_nfe, seeds=seeds, labels=labels
     )
     quiet_libraries()
-    from leapalign.distributed.tune_runner import run_compare
+    from leapalign.distributed.tune_runner import run_compare  # noqa: TID251
 
     out_dir = Path(args.out or f"outputs/compare/{spec.name}").resolve()
     report = run_compare(spec, out_dir, restart=args.restart)
@@ -210,7 +210,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.num_samples:
         spec.num_samples = args.num_samples
     quiet_libraries()
-    from leapalign.distributed.tune_runner import run_sweep
+    from leapalign.distributed.tune_runner import run_sweep  # noqa: TID251
 
     out_dir = Path(args.out or f"outputs/sweeps/{spec.name}").resolve()
     best_path, best = run_sweep(spec, out_dir, restart=args.restart)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,8 @@ from leapalign.rewards.base import RewardFn
 from leapalign.run_folder import (
     HELDOUT_DIR,
     LocalCheckpoints,
+    StepEnd,
+    StepHook,
     append_jsonl,
     save_trained_weights,
     save_transformer_state,
@@ -92,22 +93,6 @@ def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- the shared run state
-
-
-@dataclass
-class StepEnd:
-    """What a step hook hears after every update, on every rank (the same step, final and evaluated
-    everywhere: Ray's hook turns them into collective reports)."""
-
-    step: int  # updates done (1-based)
-    metrics: dict[str, float]  # the step's metrics (means over ranks; held-out ones where evaluated)
-    save: Callable[[Path], None]  # writes this rank's checkpoint to a path
-    final: bool  # the run's last step (iterations, compute budget or Ctrl-C)
-    evaluated: bool  # held-out evaluation ran at this step
-
-
-# on_step_end(StepEnd): Ray's hook reports metrics and checkpoints to Ray; local runs use LocalCheckpoints.
-StepHook = Callable[[StepEnd], None]
 
 
 @dataclass

@@ -8,13 +8,17 @@
 
 The rules: a new run never replaces an old one silently (`check_output_dir`); train.overwrite=true removes
 exactly RUN_FILES (`clear_output_dir`); train.resume=true continues from the newest checkpoint
-(`resume_checkpoint`), whose later metrics lines are dropped (`trim_metrics_log`).
+(`resume_checkpoint`), whose later metrics lines are dropped (`trim_metrics_log`). After every update a
+run hands a `StepEnd` to its step hook: `LocalCheckpoints` here, Ray's reports and checkpoints in
+leapalign.distributed.ray_train.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +32,6 @@ from leapalign.tracking import RUN_RECORD
 
 if TYPE_CHECKING:
     from leapalign.models.flux import FluxPolicy
-    from leapalign.run import StepEnd
 
 CHECKPOINT_DIR = "checkpoints"  # local runs: OUTPUT/checkpoints/step_000050.pt
 HELDOUT_DIR = "heldout"  # OUTPUT/heldout/step_000050.parquet: each held-out image's results at that step
@@ -73,6 +76,22 @@ def resume_checkpoint(out_dir: Path) -> Path:
             f"the run"
         )
     return found[-1]
+
+
+@dataclass
+class StepEnd:
+    """What a step hook hears after every update, on every rank (the same step, final and evaluated
+    everywhere: Ray's hook turns them into collective reports)."""
+
+    step: int  # updates done (1-based)
+    metrics: dict[str, float]  # the step's metrics (means over ranks; held-out ones where evaluated)
+    save: Callable[[Path], None]  # writes this rank's checkpoint to a path
+    final: bool  # the run's last step (iterations, compute budget or Ctrl-C)
+    evaluated: bool  # held-out evaluation ran at this step
+
+
+# on_step_end(StepEnd): Ray's hook reports metrics and checkpoints to Ray; local runs use LocalCheckpoints.
+StepHook = Callable[[StepEnd], None]
 
 
 class LocalCheckpoints:

@@ -18,8 +18,8 @@ from typing import Any
 from leapalign.config import Config
 from leapalign.logs import run_log_file
 from leapalign.methods import METHODS
-from leapalign.run import StepHook, TrainingRun, TrainResult
-from leapalign.run_folder import resume_checkpoint
+from leapalign.run import TrainingRun, TrainResult
+from leapalign.run_folder import StepHook, resume_checkpoint
 
 log = logging.getLogger("leapalign")
 

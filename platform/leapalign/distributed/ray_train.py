@@ -54,8 +54,7 @@ from leapalign.distributed.reward_service import (
 from leapalign.numerics import cpu_isa_env
 from leapalign.parallel import TorchDistContext
 from leapalign.preflight import USER_ERRORS, preflight
-from leapalign.run import StepEnd, StepHook
-from leapalign.run_folder import clear_output_dir
+from leapalign.run_folder import StepEnd, StepHook, clear_output_dir
 from leapalign.tracking import (
     RUN_RECORD,
     MLflowTracker,
