@@ -14,8 +14,6 @@ A recipe (leapalign.recipes: direct for the direct-gradient methods, grpo for GR
 and AWM) is the visible loop that uses it; `leapalign.train.train` builds it and picks the recipe. What the
 run writes on disk is leapalign.run_folder. Ray, when used, only passes a distributed context and a
 checkpoint hook (leapalign.distributed).
-
-Why one file over 500 lines (just): TrainingRun's start, update, checkpoint and finish read in order.
 """
 
 from __future__ import annotations
