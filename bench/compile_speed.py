@@ -39,8 +39,8 @@ def worker(args: argparse.Namespace) -> None:
     from leapalign.evaluation import load_eval_prompts, sample_images
     from leapalign.logs import quiet_libraries
     from leapalign.methods import DIRECT_METHODS
-    from leapalign.training import make_run
-    from leapalign.world.evaluator import evaluate_batch
+    from leapalign.run import TrainingRun
+    from leapalign.world.judge import evaluate_batch
 
     quiet_libraries()
     overrides = [
@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
         f"sampler.compile={args.compile}", f"train.output_dir={args.out}/run",
     ]  # fmt: skip
     cfg = load_config(REPO / "experiments" / "quickstart.yaml", overrides)
-    run = make_run(cfg, progress=False)
+    run = TrainingRun(cfg, progress=False)
     eval_cfg = load_config(
         REPO / "experiments" / "quickstart.yaml", [f"sampler.compile={args.compile}", "train.cpu_isa=native"]
     )
@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     times, losses = [], []
     for _ in range(args.updates):
         start = time.perf_counter()
-        loss, _ = loss_fn(run.policy, run.sampler.next_batch(), run.reward_fn, cfg, run.sigmas, run.rng)
+        loss, _ = loss_fn(run.policy, run.prompt_order.next_batch(), run.reward_fn, cfg, run.sigmas, run.rng)
         loss.backward()
         run.parallel.clip_grad_norm(run.params, cfg.optim.max_grad_norm)
         run.optimizer.step()

@@ -6,7 +6,7 @@
 
 Methods, each one full update (rollout, decode, reward, backward, grad clip, AdamW step) built from
 the project's own pieces on a small random Flux (leapalign.models.tiny) with a LoRA r8 adapter
-(leapalign.train.apply_finetune), fp32 on CPU:
+(leapalign.finetune.apply_finetune), fp32 on CPU:
   leapalign    rollout_with_leaps -> FluxPolicy.decode(x_0) -> reward -> similarity_weight, hinge_loss
   full_ckpt    full_backprop_rollout (graph through all N steps), gradient checkpointing on
   full         full_backprop_rollout, gradient checkpointing off
@@ -157,13 +157,13 @@ def measure(job: dict) -> dict:
     import torch
 
     from leapalign.config import FinetuneConfig
-    from leapalign.methods.draft import full_backprop_rollout
+    from leapalign.finetune import apply_finetune
+    from leapalign.methods.full_backprop import full_backprop_rollout
     from leapalign.methods.leapalign import hinge_loss, rollout_with_leaps, similarity_weight
     from leapalign.methods.refl import refl_rollout
     from leapalign.models.flux import FluxPolicy
     from leapalign.models.tiny import TinyFluxSpec, build_tiny_flux_pipeline
     from leapalign.rewards.simple import ColorMatch
-    from leapalign.training import apply_finetune
 
     method, num_steps, size = job["method"], job["num_steps"], SIZES[job["size"]]
     torch.set_num_threads(job["threads"])

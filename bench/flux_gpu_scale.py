@@ -78,7 +78,7 @@ def build_transformer(mode: str, cfg: dict, device, dtype, args, parallel):
     from diffusers import FluxTransformer2DModel
 
     from leapalign.config import FinetuneConfig
-    from leapalign.training import apply_finetune
+    from leapalign.finetune import apply_finetune
 
     if mode == "lora":
         with torch.device(device):

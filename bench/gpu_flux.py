@@ -47,12 +47,12 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from leapalign.config import FinetuneConfig
-from leapalign.methods.draft import full_backprop_rollout
+from leapalign.finetune import apply_finetune
+from leapalign.methods.full_backprop import full_backprop_rollout
 from leapalign.methods.leapalign import hinge_loss, rollout_with_leaps, similarity_weight
 from leapalign.methods.refl import refl_rollout
 from leapalign.models.flux import FluxPolicy, PromptEmbeds
 from leapalign.sampling import flux_sigmas, rollout
-from leapalign.training import apply_finetune
 
 # The anchor's sizes (shared/bench/flux_gpu_anchor.py).
 FLUX_DEV = dict(

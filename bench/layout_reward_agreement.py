@@ -45,7 +45,7 @@ from leapalign.data import load_prompts
 from leapalign.models.flux import FluxPolicy
 from leapalign.rewards.clip_score import ClipScore
 from leapalign.world.evaluate import evaluate_policy
-from leapalign.world.evaluator import evaluate_image
+from leapalign.world.judge import evaluate_image
 from leapalign.world.layout_reward import WorldLayoutReward
 from leapalign.world.scenes import (
     CATEGORIES,

@@ -51,8 +51,8 @@ def build(job: dict):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from leapalign.config import Config, with_overrides
+    from leapalign.finetune import apply_finetune
     from leapalign.models.flux import FluxPolicy, PromptEmbeds
-    from leapalign.training import apply_finetune
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gpu_flux  # the Flux.1-dev / CLIP-H sizes and the tower reward, shared with gpu_flux.py

@@ -4,7 +4,7 @@
     .venv/bin/python bench/scale_out.py --steps 3 --json /tmp/scale_out.json
 
 What runs: the project's own LeapAlign update (leapalign_loss -> backward -> TrainingRun.apply_gradients:
-clip, AdamW, EMA) through `make_run`, so the transformer is wrapped by leapalign.parallel exactly as in a
+clip, AdamW, EMA) through `TrainingRun`, so the transformer is wrapped by leapalign.parallel exactly as in a
 Ray Train worker; here the workers are plain processes (torch.multiprocessing, gloo on 127.0.0.1), which
 is all a Ray Train worker adds for this measurement. Full fine-tuning (every weight trained, fp32) of a
 small random Flux (leapalign.models.tiny with 4 double + 4 single blocks, 4 heads x 32: ~4M weights) so
@@ -91,7 +91,8 @@ def worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     sys.path[:0] = [str(REPO / "platform"), str(REPO)]
     from leapalign.config import load_config
     from leapalign.methods import DIRECT_METHODS
-    from leapalign.training import TorchDistContext, make_run
+    from leapalign.parallel import TorchDistContext
+    from leapalign.run import TrainingRun
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -109,11 +110,11 @@ def worker(rank: int, world: int, port: int, job: dict, queue) -> None:
             "tracking.enabled=false",
         ],
     )
-    run = make_run(cfg, dist=TorchDistContext(), on_step_end=lambda *a: None, progress=False)
+    run = TrainingRun(cfg, dist=TorchDistContext(), on_step_end=lambda *a: None, progress=False)
     loss_fn = DIRECT_METHODS["leapalign"]
 
     def update() -> None:
-        prompts = run.sampler.next_batch()
+        prompts = run.prompt_order.next_batch()
         with run.parallel.accumulate(sync=True):
             loss, _ = loss_fn(run.policy, prompts, run.reward_fn, cfg, run.sigmas, run.rng)
             loss.backward()

@@ -29,7 +29,8 @@ import ray
 from ray import serve
 
 from leapalign.config import ConfigError, RewardConfig, load_config, parse_overrides
-from leapalign.distributed.reward_service import ServingSpec, check_served_reward, deploy_reward
+from leapalign.distributed.reward_service import deploy_reward
+from leapalign.rewards.serving import ServingSpec, check_served_reward
 
 SETTINGS = ("options", *(k for k in RewardConfig.SERVING_KEYS if k != "app"))
 

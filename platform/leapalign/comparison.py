@@ -1,13 +1,16 @@
 """The report of `leapalign compare`: from the runs' own folders to tables with intervals and verdicts.
 
-Three steps, each its own function (plain Python, no Ray; the Tune driver hands over where the runs are):
+The steps, each its own function (plain Python, no Ray; the Tune driver hands over where the runs are):
 
     collect_runs   every (method, seed): its curve (metrics.jsonl), the final evaluation's per-image
                    results (heldout/step_<n>.parquet), its compute and diagnostics; failed runs kept
     summarise      per method: per-seed scores and how many are finite, mean and std, the paired stratified
                    bootstrap difference to the reference with Holm's verdict and the probability of
                    improvement (leapalign.stats), compute to a target, clip rates
-    write_report   report.md (tables; failed or missing runs named), summary.json, curves.png
+    plot_curves    curves.png: every seed's held-out curve against compute
+    format_report  report.md's tables (score_table, breakdown_tables, compute_table, target_table)
+    write_report   report.md (failed or missing runs named), summary.json, curves.png, samples.png
+    compare_report all of it for `leapalign compare`, with the samples picture sampled in this process
 
 The target of "compute to target" is the base model's score plus a share (default 50%) of the best
 method's gain; each seed's crossing is the compute at its first evaluation at or above it.
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from leapalign.config import Config
 from leapalign.io import atomic_path
 from leapalign.reports import _plt, read_metrics, save_figure
 from leapalign.stats import Crossing, Difference, Scores, bootstrap_difference, compute_to_target, verdicts
@@ -306,17 +310,41 @@ def write_report(
             make_grid([images for _, images in rows], prompts, [label for label, _ in rows]),
             out_dir / "samples.png",
         )
+    report = out_dir / "report.md"
+    with atomic_path(report) as tmp:
+        tmp.write_text(format_report(summary, title=title, budget=budget, extra=extra, samples=bool(grid)))
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(asdict(summary), indent=2, default=str))
+    return report
+
+
+def format_report(
+    summary: ComparisonSummary, *, title: str, budget: str, extra: Sequence[str] = (), samples: bool = False
+) -> str:
+    """report.md: the scores with their verdicts, per category and reward, compute, compute to target."""
+    lines = [f"# {title}", "", budget, ""]
+    lines += score_table(summary) + breakdown_tables(summary) + compute_table(summary) + target_table(summary)
+    failed = [f for row in summary.rows for f in row.failed]
+    lines += ["", "Failed or missing runs: " + ("none." if not failed else "")]
+    lines += [f"- {f}" for f in failed]
+    lines += list(extra)
+    lines += ["", "![held-out score vs compute](curves.png)"]
+    if samples:
+        lines += ["", "![held-out samples, same prompts and noise, one row per method](samples.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def score_table(summary: ComparisonSummary) -> list[str]:
+    """The held-out score per method: mean ± std, per seed, the difference to the reference, its verdict."""
     scale, digits = _pct(summary.metric)
     name = summary.metric.removeprefix("eval/")
-    unit_name = UNITS[summary.unit][1]
-    lines = [f"# {title}", "", budget, ""]
-    lines.append(
+    lines = [
         f"Held-out {name} at each run's last evaluation on {summary.n_prompts} prompts (the same prompts and noise "
         f"for every method): mean ± std over seeds, (n) = seeds with a finite value. Differences to "
         f"**{summary.reference}**: mean and 95% interval from a paired, stratified bootstrap ({summary.n_resamples:,} "
         f"resamples of seeds within each method and of prompts within each category; scipy.stats.bootstrap), "
-        f"p-values Holm-corrected across the rows; verdict at 0.05. P(improve) = P(method seed > reference seed)."
-    )
+        f"p-values Holm-corrected across the rows; verdict at 0.05. P(improve) = P(method seed > reference seed).",
+    ]
     lines += ["", f"| method | {name} | per seed | Δ vs {summary.reference} [95% CI] | p (Holm) | P(improve) | verdict |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in summary.rows:
@@ -334,6 +362,12 @@ def write_report(
         lines.append(
             f"| {row.label} | {_fmt(row.values, scale, digits)} | {seeds} | {delta} | {p} | {improve} | {verdict} |"
         )
+    return lines
+
+
+def breakdown_tables(summary: ComparisonSummary) -> list[str]:
+    """Per category (world prompts) and per held-out reward: mean ± std (n) per method."""
+    lines: list[str] = []
     categories = sorted({c for row in summary.rows for c in row.categories})
     if categories:
         lines += ["", "Per category (% correct, mean ± std (n)):", "",
@@ -349,7 +383,12 @@ def write_report(
             lines.append(
                 f"| {row.label} | " + " | ".join(_fmt(row.rewards.get(k, []), 1.0, 4) for k in rewards) + " |"
             )
-    lines += ["", "Compute and diagnostics (means over seeds): NFE counts the transformer alone; FLOPs the whole "
+    return lines
+
+
+def compute_table(summary: ComparisonSummary) -> list[str]:
+    """Compute per method (updates, NFE, FLOPs, wall time) and its diagnostics (clip rates, GRPO's KL)."""
+    lines = ["", "Compute and diagnostics (means over seeds): NFE counts the transformer alone; FLOPs the whole "
               "update (transformer, VAE decoder, reward; forward and backward); clip = share of updates whose "
               "gradient norm was clipped; at cap = share of LeapAlign samples at the similarity weight's cap.", "",
               "| method | updates | NFE | TFLOPs | wall s | clip | at cap | GRPO clip frac | GRPO approx KL |",
@@ -366,38 +405,60 @@ def write_report(
             f"{cell(g.get('clip_rate'), '.2f')} | {cell(g.get('weight_at_cap'), '.2f')} | "
             f"{cell(g.get('grpo_clip_frac'), '.3f')} | {cell(g.get('grpo_approx_kl'), '.2e')} |"
         )
-    if math.isfinite(summary.target):
-        lines += ["", f"Compute to reach {scale * summary.target:.{digits}f} (the base model's {scale * summary.base:.{digits}f} "
-                  f"plus {100 * summary.target_share:.0f}% of the best method's gain, both on the curves' prompts), per seed at its first evaluation "
-                  f"at or above it, in {unit_name}: median [95% CI over seeds], seeds that reached it.", "",
-                  "| method | median | 95% CI | reached | per seed |", "|---|---|---|---|---|"]  # fmt: skip
-        for row in summary.rows:
-            c = row.crossing
-            if c is None:
-                lines.append(f"| {row.label} | - | - | 0 | - |")
-                continue
-            interval = (
-                "-"
-                if math.isnan(c.low)
-                else f"[{_compute(c.low, summary.unit)}, {_compute(c.high, summary.unit)}]"
-            )
-            per_seed = ", ".join(_compute(v, summary.unit) for v in c.per_seed)
-            lines.append(
-                f"| {row.label} | {_compute(c.median, summary.unit)} | {interval} | {c.reached}/{len(c.per_seed)} | {per_seed} |"
-            )
-    failed = [f for row in summary.rows for f in row.failed]
-    lines += ["", "Failed or missing runs: " + ("none." if not failed else "")]
-    lines += [f"- {f}" for f in failed]
-    lines += list(extra)
-    lines += ["", "![held-out score vs compute](curves.png)"]
-    if grid:
-        lines += ["", "![held-out samples, same prompts and noise, one row per method](samples.png)"]
-    report = out_dir / "report.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(asdict(summary), indent=2, default=str))
-    return report
+    return lines
+
+
+def target_table(summary: ComparisonSummary) -> list[str]:
+    """Compute to reach the target score, per method: median [95% CI], seeds that reached it."""
+    if not math.isfinite(summary.target):
+        return []
+    scale, digits = _pct(summary.metric)
+    unit_name = UNITS[summary.unit][1]
+    lines = ["", f"Compute to reach {scale * summary.target:.{digits}f} (the base model's {scale * summary.base:.{digits}f} "
+              f"plus {100 * summary.target_share:.0f}% of the best method's gain, both on the curves' prompts), per seed at its first evaluation "
+              f"at or above it, in {unit_name}: median [95% CI over seeds], seeds that reached it.", "",
+              "| method | median | 95% CI | reached | per seed |", "|---|---|---|---|---|"]  # fmt: skip
+    for row in summary.rows:
+        c = row.crossing
+        if c is None:
+            lines.append(f"| {row.label} | - | - | 0 | - |")
+            continue
+        interval = (
+            "-"
+            if math.isnan(c.low)
+            else f"[{_compute(c.low, summary.unit)}, {_compute(c.high, summary.unit)}]"
+        )
+        per_seed = ", ".join(_compute(v, summary.unit) for v in c.per_seed)
+        lines.append(
+            f"| {row.label} | {_compute(c.median, summary.unit)} | {interval} | {c.reached}/{len(c.per_seed)} | {per_seed} |"
+        )
+    return lines
+
+
+def compare_report(
+    spec,
+    base: Config,
+    entries: Sequence[tuple[str, int, Path, str | None]],
+    out_dir: Path,
+    chosen: dict[str, dict[str, Any]],
+    tuning: list[dict],
+) -> Path:
+    """The whole report of `leapalign compare` from its runs' folders: collect, summarise, a picture (the base
+    model and each method's first usable run on the same held-out prompts and noise, sampled here in this
+    process), write. base: the spec's base config with absolute paths; chosen, tuning: the tuning phase's."""
+    from leapalign.evaluation import sample_report_grid
+
+    results = collect_runs(entries, spec.metric)
+    summary = summarise(
+        results, spec.metric, reference=spec.reference, unit=spec.unit, target_share=spec.target_share
+    )
+    first_usable = {label: next((r.run_dir for r in results if r.label == label and r.usable), None)
+                    for label in spec.runs}  # fmt: skip
+    grid = sample_report_grid(base, list(first_usable.items()))
+    title = f"{spec.name}: {', '.join(spec.runs)}, {len(spec.seeds)} seeds"
+    budget = f"Every run stopped once it had used {spec.budget_text()} (seeds {spec.seeds})."
+    extra = tuning_section(spec, chosen, tuning) if spec.tune is not None else []
+    return write_report(summary, results, out_dir, title=title, budget=budget, grid=grid, extra=extra)
 
 
 def tuning_section(spec, chosen: dict[str, dict[str, Any]], trials: list[dict]) -> list[str]:

@@ -97,6 +97,12 @@ def register_cpu_attention_flops() -> None:
     _CPU_ATTENTION_REGISTERED = True
 
 
+def backward_nfe(checkpointing: bool) -> int:
+    """A backward through a transformer call in forward-equivalents: 2, plus 1 when gradient checkpointing
+    recomputes the forward (as the literature counts). The methods' cost formulas use it too."""
+    return 3 if checkpointing else 2
+
+
 @dataclass
 class ComputeMeter:
     checkpointing: bool = False  # backward recomputes the forward (gradient checkpointing)
@@ -117,7 +123,7 @@ class ComputeMeter:
     @property
     def nfe(self) -> int:
         """Transformer image forward-equivalents since the last reset."""
-        return self.forwards + (3 if self.checkpointing else 2) * self.backwards
+        return self.forwards + backward_nfe(self.checkpointing) * self.backwards
 
     def flops(self, costs: UnitCosts) -> float:
         """FLOPs of everything counted since the last reset."""

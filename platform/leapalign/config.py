@@ -3,6 +3,10 @@
 Every field has a default and a one-line comment (unit, valid range). `__post_init__` rejects bad
 values with a message that says how to fix them. Unknown keys are errors. The dotted keys used on
 the command line (`method.leapalign.alpha=0.3`) are the same ones Ray Tune search spaces and MLflow params use.
+
+Why one file over 500 lines: every key of a run, its default and its comment in one place (what
+`show-config` prints and a reader greps), and the checks across sections (`Config.__post_init__`) beside
+the sections they read.
 """
 
 from __future__ import annotations
@@ -69,9 +73,8 @@ class SamplerConfig:
     height: int = 720  # pixels; a multiple of 16
     width: int = 720  # pixels; a multiple of 16
     guidance_scale: float = 3.5  # Flux guidance embedding (distilled CFG); >= 0
-    compile: bool | str = (
-        "auto"  # torch.compile the no-grad forwards (rollouts, eval): auto (CUDA) | true | false
-    )
+    # torch.compile the no-grad forwards (rollouts, eval): auto (CUDA) | true | false
+    compile: bool | str = "auto"
 
     def __post_init__(self) -> None:
         _check(
@@ -123,18 +126,11 @@ class LeapConfig:
         )
 
 
+# The choices of the method sections (leapalign.methods checks its arguments against the same lists).
 WEIGHTINGS = ("both", "d_j", "d_0", "none")
-DIRECT_METHODS = (
-    "leapalign",
-    "refl",
-    "draft_lv",
-    "drtune",
-    "full_backprop",
-)  # (loss, metrics) per micro-batch
-METHODS = (*DIRECT_METHODS, "grpo", "nft", "awm")  # grpo, nft, awm: rollouts in groups, then updates
-FORWARD_METHODS = ("nft", "awm")  # train on re-noised clean samples (leapalign.recipes.forward)
 GRPO_VARIANTS = ("flow_grpo", "dance_grpo", "mixgrpo", "fast")
 SDE_KINDS = ("flow_grpo", "dance_grpo", "cps")
+STD_SCOPES = ("group", "batch")
 
 
 def _check_hinge(section: str, hinge: float) -> None:
@@ -143,15 +139,13 @@ def _check_hinge(section: str, hinge: float) -> None:
 
 @dataclass(frozen=True)
 class LeapAlignConfig:
-    alpha: float = (
-        0.3  # gradient discount on the model input at step j; 0..1 (paper: 0.3 HPSv2.1, 0.1 PickScore)
-    )
+    # gradient discount on the model input at step j; 0..1 (paper: 0.3 HPSv2.1, 0.1 PickScore)
+    alpha: float = 0.3
     tau: float = 0.1  # floor of each trajectory distance in the similarity weight; > 0 (w <= 1/(2 tau))
     hinge: float = 0.55  # lambda: loss = w * max(0, lambda - reward); reward units
     weighting: str = "both"  # similarity weight from: both | d_j | d_0 | none (ablation)
-    reward_on: str = (
-        "final"  # reward on the real decoded x_0 (final) or on the leap's x_hat_0 (leap; ablation)
-    )
+    # reward on the real decoded x_0 (final) or on the leap's x_hat_0 (leap; ablation)
+    reward_on: str = "final"
     pairs_per_rollout: int = 1  # leap pairs drawn per rollout (beyond the paper); >= 1; cost ~N + 6P forwards
 
     def __post_init__(self) -> None:
@@ -217,9 +211,8 @@ class FullBackpropConfig:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    variant: str = (
-        "flow_grpo"  # which steps are stochastic and trained: flow_grpo | dance_grpo | mixgrpo | fast
-    )
+    # which steps are stochastic and trained: flow_grpo | dance_grpo | mixgrpo | fast
+    variant: str = "flow_grpo"
     sde: str = "flow_grpo"  # SDE step: flow_grpo (std a sqrt(s/(1-s))) | dance_grpo (std eta sqrt(-dt)) | cps
     noise_level: float = 0.7  # a (eta for dance_grpo); > 0 (Flow-GRPO: 0.9 Flux, 0.7 SD3.5; DanceGRPO: 0.3)
     group_size: int = 8  # G images per prompt; >= 2 (Flow-GRPO 24, DanceGRPO 12)
@@ -227,22 +220,18 @@ class GRPOConfig:
     std_scope: str = "batch"  # advantage std over the gathered batch (Flow-GRPO) or per group (DanceGRPO)
     adv_clip: float = 5.0  # advantages clamped to +-adv_clip; > 0
     clip_range: float = 1e-4  # PPO ratio clip eps; > 0 (Flow-GRPO 1e-4, Fast 1e-5)
-    kl_beta: float = (
-        0.0  # KL to the reference (LoRA adapter off), Flow-GRPO's: mean (mu - mu_ref)^2 / 2g^2; >= 0
-    )
-    train_fraction: float = (
-        0.99  # flow_grpo: first int(f N) steps trained; dance_grpo: round(f N) random steps; (0, 1]
-    )
+    # KL to the reference (LoRA adapter off), Flow-GRPO's: mean (mu - mu_ref)^2 / 2g^2; >= 0
+    kl_beta: float = 0.0
+    # flow_grpo: first int(f N) steps trained; dance_grpo: round(f N) random steps; (0, 1]
+    train_fraction: float = 0.99
     window_size: int = 4  # mixgrpo: SDE steps in the sliding window; >= 1
     window_shift_every: int = 25  # mixgrpo: the window moves one step later every this many iterations; >= 1
     updates_per_rollout: int = 1  # optimizer steps per rollout batch (the samples are split among them); >= 1
-    micro_batch: int = (
-        0  # images per transformer call when sampling and training; 0 = the whole rollout batch
-    )
+    # images per transformer call when sampling and training; 0 = the whole rollout batch
+    micro_batch: int = 0
     ratio: str = "standard"  # PPO importance ratio: standard | guard (GRPO-Guard's step-normalised ratio)
-    advantages: str = (
-        "total"  # total (the summed reward's) | per_component (each reward in its group; MixGRPO)
-    )
+    # total (the summed reward's) | per_component (each reward in its group; MixGRPO)
+    advantages: str = "total"
 
     def __post_init__(self) -> None:
         _check(
@@ -253,7 +242,7 @@ class GRPOConfig:
         _check(self.noise_level > 0, f"method.grpo.noise_level={self.noise_level}: use > 0 (0 is the ODE)")
         _check(self.group_size >= 2, f"method.grpo.group_size={self.group_size}: a group needs >= 2 images")
         _check(
-            self.std_scope in ("batch", "group"),
+            self.std_scope in STD_SCOPES,
             f"method.grpo.std_scope={self.std_scope!r}: choose batch or group",
         )
         _check(self.adv_clip > 0, f"method.grpo.adv_clip={self.adv_clip}: use > 0")
@@ -292,9 +281,7 @@ def _check_forward_common(section: str, opts: Any) -> None:
     """The checks DiffusionNFT's and AWM's sections share (rollout groups, timesteps, copy decay, updates)."""
     where = f"method.{section}"
     _check(opts.group_size >= 2, f"{where}.group_size={opts.group_size}: a group needs >= 2 images")
-    _check(
-        opts.std_scope in ("batch", "group"), f"{where}.std_scope={opts.std_scope!r}: choose batch or group"
-    )
+    _check(opts.std_scope in STD_SCOPES, f"{where}.std_scope={opts.std_scope!r}: choose batch or group")
     _check(opts.adv_clip > 0, f"{where}.adv_clip={opts.adv_clip}: use > 0")
     _check(opts.train_timesteps >= 1, f"{where}.train_timesteps={opts.train_timesteps}: use >= 1")
     _check(
@@ -323,13 +310,11 @@ class NFTConfig:
     beta: float = 1.0  # v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v; > 0 (DiffusionNFT: 1)
     train_timesteps: int = 2  # K grid sigmas trained per sample; 1..num_steps (Flow-Factory Flux: 2)
     timestep_range: float = 0.7  # K drawn among the first int(f N) steps (noise end); (0, 1]
-    timestep_sampling: str = (
-        "stratified"  # stratified (Flow-Factory) | random (DiffusionNFT: a random subset)
-    )
+    # stratified (Flow-Factory) | random (DiffusionNFT: a random subset)
+    timestep_sampling: str = "stratified"
     kl_beta: float = 0.0  # mean (v - v_ref)^2 to the adapter-off reference; >= 0 (DiffusionNFT: 1e-4)
-    decay_rate: float = (
-        0.001  # old policy <- d old + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
-    )
+    # old policy <- d old + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
+    decay_rate: float = 0.001
     decay_cap: float = 0.5  # cap of d; [0, 1), 0 = on-policy (DiffusionNFT: 0.5)
     updates_per_rollout: int = 1  # optimizer steps per rollout (the samples are split among them); >= 1
     micro_batch: int = 0  # images per transformer call when sampling and training; 0 = the whole batch
@@ -344,25 +329,21 @@ class NFTConfig:
 @dataclass(frozen=True)
 class AWMConfig:
     group_size: int = 8  # G images per prompt; >= 2 (AWM SD3.5: 24, Flow-Factory Flux: 16)
-    std_scope: str = (
-        "batch"  # advantage std over the gathered batch (Flow-Factory global_std=true) or per group
-    )
-    adv_clip: float = (
-        1.0  # advantages clamped to +-adv_clip; > 0 (Flow-Factory Flux: 1; AWM: 5 rescaled to 1)
-    )
+    # advantage std over the gathered batch (Flow-Factory global_std=true) or per group
+    std_scope: str = "batch"
+    # advantages clamped to +-adv_clip; > 0 (Flow-Factory Flux: 1; AWM: 5 rescaled to 1)
+    adv_clip: float = 1.0
     clip_range: float = 1.0  # PPO ratio clip eps; > 0 (AWM and Flow-Factory: 1)
-    weighting: str = (
-        "ghuber"  # log p from the matching error: uniform | t | t2 | huber | ghuber (AWM default)
-    )
+    # log p from the matching error: uniform | t | t2 | huber | ghuber (AWM default)
+    weighting: str = "ghuber"
     ghuber_power: float = 0.25  # q of ghuber: -((m + 1e-10)^q - 1e-10^q) t / q; > 0
     train_timesteps: int = 4  # K grid sigmas trained per sample; 1..num_steps (AWM: 6, Flow-Factory Flux: 4)
     timestep_range: float = 0.7  # K drawn among the first int(f N) steps (noise end); (0, 1] (AWM: 0.9)
     timestep_sampling: str = "stratified"  # stratified (AWM's discrete) | random
     kl_beta: float = 0.0  # mean (v - v_ref)^2 to the adapter-off reference; >= 0 (AWM: 1e-4, Flow-Factory: 0)
     ema_kl_beta: float = 0.1  # mean (v - v_ema)^2 to the EMA policy; >= 0 (AWM: 1, Flow-Factory Flux: 0.1)
-    decay_rate: float = (
-        0.001  # EMA policy <- d ema + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
-    )
+    # EMA policy <- d ema + (1 - d) theta, d = min(rate x optimizer steps, cap); >= 0
+    decay_rate: float = 0.001
     decay_cap: float = 0.3  # cap of d; [0, 1) (AWM and Flow-Factory: 0.3)
     updates_per_rollout: int = 1  # optimizer steps per rollout (the samples are split among them); >= 1
     micro_batch: int = 0  # images per transformer call when sampling and training; 0 = the whole batch
@@ -380,6 +361,10 @@ class AWMConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
+    """method.name and one section per method. Which code runs a method and what an update of it costs is
+    the method table, leapalign.methods.METHODS (it imports these sections, so the names are read here from
+    the sections themselves, and the table checks that it has a row for each)."""
+
     name: str = "leapalign"  # leapalign | refl | draft_lv | drtune | full_backprop | grpo | nft | awm
     leapalign: LeapAlignConfig = field(default_factory=LeapAlignConfig)
     refl: ReFLConfig = field(default_factory=ReFLConfig)
@@ -391,12 +376,18 @@ class MethodConfig:
     awm: AWMConfig = field(default_factory=AWMConfig)
 
     def __post_init__(self) -> None:
-        _check(self.name in METHODS, f"method.name={self.name!r}: choose one of {', '.join(METHODS)}")
+        names = method_names()
+        _check(self.name in names, f"method.name={self.name!r}: choose one of {', '.join(names)}")
 
     @property
     def options(self) -> Any:
         """The section of the chosen method (cfg.method.options.hinge, ...)."""
         return getattr(self, self.name)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method.name: the sections of MethodConfig, in their order."""
+    return tuple(f.name for f in dataclasses.fields(MethodConfig) if f.name != "name")
 
 
 @dataclass(frozen=True)
@@ -540,28 +531,24 @@ class TrainConfig:
     iterations: int = 300  # updates (paper: 300; GRPO: rollout batches, each followed by its PPO steps); >= 1
     batch_size: int = 4  # prompts per micro-batch (GRPO: prompts per rollout, x group_size images); >= 1
     grad_accum: int = 1  # micro-batches per optimizer step (direct-gradient methods); >= 1
-    max_nfe: int = (
-        0  # compute budget in transformer image forward-equivalents (compute/nfe_total); 0 = no cap
-    )
+    # compute budget in transformer image forward-equivalents (compute/nfe_total); 0 = no cap
+    max_nfe: int = 0
     max_flops: float = 0.0  # compute budget in FLOPs of the whole update (compute/flops_total); 0 = no cap
     seed: int = 0  # seeds noise, prompt order and the methods' step draws; same seed -> same numbers
     prompts: str = "assets/prompts/demo.txt"  # .txt (one per line) or .parquet with a `prompt` column
     output_dir: str = "outputs/run"  # where config, weights, grids, local checkpoints go; created if missing
-    overwrite: bool = (
-        False  # replace an existing run in output_dir (its files and checkpoints); false = refuse
-    )
+    # replace an existing run in output_dir (its files and checkpoints); false = refuse
+    overwrite: bool = False
     resume: bool = False  # continue the run in output_dir (or ray storage) from its newest checkpoint
     checkpoint_every: int = 50  # write a checkpoint every N updates and at the last; >= 1
     keep_checkpoints: int = 2  # newest checkpoints kept; >= 1
     sample_every: int = 0  # save a sample grid every N steps; 0 = only before and after
     num_samples: int = 4  # prompts in each sample grid; >= 1
     log_every: int = 1  # log metrics every N steps; >= 1
-    torch_threads: int = (
-        0  # torch CPU threads per process; 0 = torch's default (the core count: machine-dependent numbers)
-    )
-    cpu_isa: str = (
-        "native"  # CPU kernels: native | avx2 (the same numbers on every x86-64 CPU; leapalign.numerics)
-    )
+    # torch CPU threads per process; 0 = torch's default (the core count: machine-dependent numbers)
+    torch_threads: int = 0
+    # CPU kernels: native | avx2 (the same numbers on every x86-64 CPU; leapalign.numerics)
+    cpu_isa: str = "native"
 
     def __post_init__(self) -> None:
         _check(self.iterations >= 1, f"train.iterations={self.iterations}: use >= 1")
@@ -598,9 +585,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    prompts: str | None = (
-        None  # held-out prompt file (world .parquet: exact evaluator + reward; .txt: reward); None = off
-    )
+    # held-out prompt file (world .parquet: exact evaluator + reward; .txt: reward); None = off
+    prompts: str | None = None
     num_prompts: int = 120  # before/after evaluation: the first N prompts of the file; >= 1
     images_per_prompt: int = 1  # samples per prompt (different noise); >= 1
     batch_size: int = 32  # prompts per sampling batch; >= 1
@@ -636,6 +622,9 @@ class TrackingConfig:
     run_name: str | None = None  # MLflow run name; None lets MLflow pick one
 
 
+STRATEGIES = ("auto", "none", "ddp", "fsdp2")  # ray.strategy (leapalign.parallel.resolve_strategy)
+
+
 @dataclass(frozen=True)
 class RayConfig:
     enabled: bool = True  # train on Ray Train workers; false = this one process, no Ray
@@ -645,9 +634,8 @@ class RayConfig:
     # batch_size B give the numbers of 1 worker with 2B, up to float rounding)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; > 0
     use_gpu: bool = False  # one GPU per worker, NCCL for gradients; false = CPU workers (gloo)
-    storage_path: str | None = (
-        None  # Ray checkpoints in STORAGE/RUN; None = ray_results beside train.output_dir
-    )
+    # Ray checkpoints in STORAGE/RUN; None = ray_results beside train.output_dir
+    storage_path: str | None = None
     run_name: str | None = None  # the run's folder under storage_path; None = train.output_dir's name
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint; -1 = no limit
     # How the workers share the transformer (leapalign.parallel): auto = none for one worker, ddp for LoRA,
@@ -661,7 +649,7 @@ class RayConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers}: use >= 1")
         _check(
-            self.strategy in ("auto", "none", "ddp", "fsdp2"),
+            self.strategy in STRATEGIES,
             f"ray.strategy={self.strategy!r}: use auto, none, ddp or fsdp2",
         )
         _check(
@@ -731,7 +719,7 @@ class Config:
                 f"method.grpo.updates_per_rollout={self.method.grpo.updates_per_rollout} exceeds the "
                 f"{images} images of a rollout (train.batch_size x group_size): each update needs samples",
             )
-        if self.method.name in FORWARD_METHODS:
+        if isinstance(self.method.options, NFTConfig | AWMConfig):  # trained on re-noised clean samples
             opts, where = self.method.options, f"method.{self.method.name}"
             _check(
                 not (opts.kl_beta > 0 and self.finetune.mode != "lora"),

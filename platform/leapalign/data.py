@@ -1,13 +1,57 @@
-"""Prompt files: plain text (one prompt per line) or Parquet with a `prompt` column.
+"""What a run reads from disk before any model runs: prompt files and where shipped assets live.
 
-Errors say which file and how to fix it; nothing here writes.
+    PACKAGE_DIR          the installed package: shipped assets (mini-flux, mini-scorer, prompt files)
+    resolve_model_path   a model folder as given, else under the package, else a hub id
+    pick_dtype           model.dtype -> a torch dtype (auto: bf16 on CUDA, fp32 elsewhere)
+    load_prompts         plain text (one prompt per line) or Parquet with a `prompt` column
+    prompt_split         the split a prompt file declares (train / validation / eval)
+
+Errors say which file and how to fix it; nothing here writes. A leaf of the package: it imports no other
+leapalign module but the world's prompt reader (for world prompt files), so anything may import it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from leapalign.models.flux import PACKAGE_DIR
+if TYPE_CHECKING:
+    import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TEST_SPLITS = ("eval", "test")  # splits a search must never select on
+
+
+def resolve_model_path(path: str) -> str:
+    """A local folder (as given, or under the installed package), else the string itself as a hub id.
+
+    Anything that looks like a path (starts with '.', '/', '~' or has more than one '/') must exist:
+    a typo should not turn into a confusing hub lookup.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        return str(candidate)
+    packaged = PACKAGE_DIR / path
+    if packaged.is_dir():
+        return str(packaged)
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path
+    if looks_local or candidate.exists():
+        raise FileNotFoundError(
+            f"model folder {path!r} not found (looked in {candidate.resolve()} and {packaged}). Give a diffusers "
+            f"Flux folder (model_index.json + transformer/ vae/ text_encoder*/ tokenizer*/ scheduler/), build a "
+            f"tiny one with `leapalign build-tiny DIR`, or a hub id such as black-forest-labs/FLUX.1-dev"
+        )
+    return path
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """model.dtype as a torch dtype: auto is bf16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
 
 
 def resolve_data_path(path: str) -> Path:
@@ -58,3 +102,23 @@ def load_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {file} holds no prompts: add at least one non-empty line or row")
     return prompts
+
+
+def prompt_split(path: str | os.PathLike[str]) -> str | None:
+    """The split a world prompt file declares in its Parquet metadata ("train", "validation", "eval"); the
+    path as given or relative to the installed package (shipped assets), like every prompt path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        source = resolve_data_path(str(path))
+    except FileNotFoundError:
+        return None
+    if source.suffix.lower() != ".parquet" or not source.is_file():
+        return None
+    try:
+        metadata = pq.read_schema(source).metadata or {}
+    except (pa.ArrowException, OSError):
+        return None
+    value = metadata.get(b"split")
+    return value.decode() if value else None

@@ -1,11 +1,16 @@
-"""Held-out evaluation with fixed noise: sample a prompt set, score it with the exact world evaluator
-(when every prompt is a miniature-world caption) and/or reward models.
+"""Held-out evaluation: the one place that samples a prompt set with fixed noise and scores it, with the
+world's judge (leapalign.world.judge, when every prompt is a miniature-world caption) and/or reward models.
+
+    sample_images, score_images     the two steps; every evaluation below is made of them
+    HeldOutEvaluator, EvalSchedule  during training (eval.every / eval.every_nfe): curves, OUTPUT/heldout/
+    load_policy                     base, LoRA or transformer weights through diffusers' loaders; the
+                                    before/after pass of `leapalign train` (leapalign.world.evaluate) uses it
+    plan_eval, evaluate_weights     `leapalign eval`
+    sample_report_grid              the picture of a `leapalign compare` report (leapalign.comparison)
 
 The noise of an image depends only on EVAL_SEED, its prompt's position and its replicate (the "eval"
 stream, leapalign.streams), never on train.seed, the method or the batch: every run, seed and checkpoint
-is scored on the same starting noise, so comparisons are paired. Used during
-training (`eval.every`), before and after a run (`leapalign train` with `eval.prompts`), by
-`leapalign eval` and by `leapalign compare`.
+is scored on the same starting noise, so comparisons are paired.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def noise_set(prompts_path: str | None) -> int:
     """Which evaluation noise a prompt file gets: 1 for a validation split, 0 for everything else. The
     world's validation and test splits share the few captions some categories have ("a red triangle"):
     their images must still come from different noise, or tuning would see the test images."""
-    from leapalign.world.prompts import prompt_split
+    from leapalign.data import prompt_split
 
     return 1 if prompts_path and prompt_split(prompts_path) == "validation" else 0
 
@@ -131,7 +136,7 @@ def score_images(
     reward/<name> (what the paired statistics of a comparison resample, leapalign.stats)."""
     metrics: dict[str, float] = {}
     if world:
-        from leapalign.world.evaluator import evaluate_batch
+        from leapalign.world.judge import evaluate_batch
 
         scores = evaluate_batch(images.numpy(), list(prompts))
         metrics["overall"] = float(scores["overall"])
@@ -366,20 +371,8 @@ def evaluate_weights(cfg: Config, plan: EvalPlan, out_dir: Path, tracker=None) -
         "prompt": image_prompts,
         "image": [f"images/{i:05d}.png" for i in range(len(images))],
     }
-    summary: dict[str, float] = {}
-    if "world" in plan.metrics:
-        from leapalign.world.evaluator import evaluate_image
-
-        results = [
-            evaluate_image(image.numpy(), prompt) for image, prompt in zip(images, image_prompts, strict=True)
-        ]
-        columns["category"] = [r["category"] for r in results]
-        columns["correct"] = [bool(r["correct"]) for r in results]
-        summary.update(score_images(images, image_prompts, world=True))
-    for name, reward_fn in plan.rewards.items():
-        values = score_rewards(reward_fn, images, image_prompts)
-        columns[f"reward/{name}"] = values.tolist()
-        summary[f"reward/{name}"] = float(values.mean())
+    world = "world" in plan.metrics
+    summary = score_images(images, image_prompts, world=world, rewards=plan.rewards, per_image=columns)
 
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for array, name in zip(to_uint8(images), columns["image"], strict=True):

@@ -39,6 +39,9 @@ A compare spec:
       budget_flops: 2.0e12              # per trial (default: the runs' budget)
       space: {optim.lr: {loguniform: [1.0e-4, 3.0e-3]}}  # every method
       per_run: {GRPO: {method.grpo.clip_range: {loguniform: [3.0e-5, 1.0e-3]}}}
+
+Why one file over 500 lines: the two spec formats share their parsing (search spaces, budgets, metric
+checks); each format is documented above, beside its parser.
 """
 
 from __future__ import annotations
@@ -54,11 +57,12 @@ from leapalign.config import (
     ConfigError,
     _yaml_float,
     config_to_dict,
+    flatten_config,
     load_config,
     with_cli_overrides,
     with_overrides,
 )
-from leapalign.training import check_run_inputs
+from leapalign.preflight import preflight
 
 SEARCHERS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -119,7 +123,7 @@ def parse_param(key: str, raw: Any) -> ParamSpec:
 
 def check_search_space(base: Config, search: dict[str, ParamSpec]) -> None:
     """Every key exists in the config and every value the distribution can produce is a valid value."""
-    flat = base_flat(base)
+    flat = flatten_config(base)
     for spec in search.values():
         for key in spec.when:
             if key not in flat and key not in search:
@@ -134,15 +138,9 @@ def check_search_space(base: Config, search: dict[str, ParamSpec]) -> None:
                 raise ConfigError(f"search.{spec.key}: {err}") from None
 
 
-def base_flat(cfg: Config) -> dict[str, Any]:
-    from leapalign.config import flatten_config
-
-    return flatten_config(cfg)
-
-
 def active_overrides(params: dict[str, Any], search: dict[str, ParamSpec], base: Config) -> dict[str, Any]:
     """The sampled params whose `when` condition holds (the others would not change the run)."""
-    flat = base_flat(base)
+    flat = flatten_config(base)
     return {
         key: value for key, value in params.items() if key not in search or search[key].active(params, flat)
     }
@@ -266,7 +264,7 @@ def load_sweep_spec(path: str | Path, config_overrides: list[str] | None = None)
         raise ConfigError(f"{path}: `search:` must map at least one dotted config key to a distribution")
     search = {key: parse_param(key, value) for key, value in search_raw.items()}
     check_search_space(base, search)
-    check_run_inputs(base)
+    preflight(base, run_folder=False)  # each trial checks its own folder when it starts
     searcher = raw.get("searcher", "random")
     if searcher not in SEARCHERS:
         raise ConfigError(f"{path}: unknown searcher {searcher!r}; choose one of {', '.join(SEARCHERS)}")
@@ -392,7 +390,7 @@ def _budget(raw: dict[str, Any], where: str, budget_nfe: int | None = None) -> d
 
 def check_selection_prompts(path: str | None, where: str) -> None:
     """Searches select on validation prompts: a file that declares itself the test split is refused."""
-    from leapalign.world.prompts import TEST_SPLITS, prompt_split
+    from leapalign.data import TEST_SPLITS, prompt_split
 
     if path and prompt_split(path) in TEST_SPLITS:
         raise ConfigError(
@@ -567,10 +565,9 @@ def load_compare_spec(
             except ConfigError as err:
                 raise ConfigError(f"{path}: tuning run {label!r}: {err}") from None
             check_metric(spec.tune.metric, [trial_cfg])
-    for cfg in {
-        (c.model.path, c.train.prompts, c.eval.prompts, c.reward.name): c for c in configs.values()
-    }.values():
-        check_run_inputs(cfg)
+            preflight(trial_cfg, run_folder=False)
+    for cfg in configs.values():
+        preflight(cfg, run_folder=False)
     check_metric(spec.metric, list(configs.values()))
     return spec
 

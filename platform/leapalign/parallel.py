@@ -1,5 +1,8 @@
-"""How data-parallel workers share the transformer: none, DDP (LoRA) or FSDP2 (full fine-tuning).
+"""Everything torch.distributed: the ranks' collectives and how data-parallel workers share the
+transformer: none, DDP (LoRA) or FSDP2 (full fine-tuning).
 
+    LocalContext       one process: rank 0 of 1; TorchDistContext: the same methods over an initialised
+                       process group (Ray Train workers): metric means, votes, count sums, gathers
     resolve_strategy   ray.strategy=auto -> none (one worker), ddp (LoRA), fsdp2 (full fine-tuning)
     Parallel           wrap the transformer; `accumulate(sync)` around each micro-batch (no gradient
                        all-reduce until the last one); `clip_grad_norm` (DTensor grads too);
@@ -27,11 +30,81 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from leapalign.config import STRATEGIES
+
 log = logging.getLogger("leapalign")
 
-STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 DCP_FOLDER_MARKER = ".metadata"  # what torch.distributed.checkpoint writes last: a complete checkpoint
 TRAIN_STATE_FILE = "train_state.pt"
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+class LocalContext:
+    """One process. Ray Train workers use TorchDistContext (same methods over torch.distributed)."""
+
+    rank = 0
+    world_size = 1
+    has_process_group = False  # DDP / FSDP2 need one (Ray Train workers, or torch.distributed set up)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's metrics averaged (the global batch's mean: ranks hold equal shares)."""
+        return metrics
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
+    def sum_counts(self, values: list[int]) -> list[int]:
+        """Integer counts summed over ranks, in one collective."""
+        return [int(v) for v in values]
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """[n, ...] from every rank -> [world_size * n, ...] in rank order."""
+        return tensor
+
+
+class TorchDistContext(LocalContext):
+    """Data parallel over an initialised torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
+    has_process_group = True
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)  # every rank logs the same keys (same method, same skip decision)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        self._dist.all_reduce(values)  # one collective for all metrics
+        return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
+
+    def all_true(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0])
+        self._dist.all_reduce(value, op=self._dist.ReduceOp.MIN)
+        return bool(value.item() > 0)
+
+    def sum_counts(self, values: list[int]) -> list[int]:
+        totals = torch.tensor(values, dtype=torch.int64)
+        self._dist.all_reduce(totals)
+        return totals.tolist()
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- sharing the transformer
 
 
 def resolve_strategy(strategy: str, world_size: int, finetune_mode: str) -> str:

@@ -2,7 +2,7 @@
 
 A run capped by `train.max_nfe` or `train.max_flops` stops long before `train.iterations` (the world's configs set 100000
 iterations and stop after ~150 updates on their budget), so its bar counts compute, not updates, and its
-ETA is the budget's. The same bar serves a run in this process (leapalign.training) and a run on Ray
+ETA is the budget's. The same bar serves a run in this process (leapalign.run) and a run on Ray
 workers, which the driver follows (leapalign.distributed.progress).
 """
 

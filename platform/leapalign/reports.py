@@ -1,7 +1,9 @@
 """Reports of many-run experiments, from the runs' own folders (metrics.jsonl, config.yaml, weights).
 
 `sweep_report`: a Parquet table of the trials, the metric against each swept hyperparameter, the curves
-of all trials, and the best trial's config as a YAML file to train again. The comparison's report, with
+of all trials, and the best trial (its config is written by the sweep driver to train again), in steps:
+`summarise_trials`, `write_trials_table`, `plot_sweep`, `best_trial`. `seed_summary`: held-out accuracy
+over several seeds of one config. The comparison's report, with
 its statistics, is leapalign.comparison. Plain Python (no Ray): the Tune driver hands over where the runs are.
 """
 
@@ -54,10 +56,18 @@ def sweep_report(
 
     trials: one dict per trial with "trial_id", "status", "run_dir", "params" (the applied overrides).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out_dir.mkdir(parents=True, exist_ok=True)
+    rows, curves = summarise_trials(trials, swept, metric, mode, iterations=iterations)
+    write_trials_table(rows, swept, out_dir / "results.parquet")
+    plot_sweep(rows, curves, swept, metric, out_dir)
+    return best_trial(rows, metric, mode)
+
+
+def summarise_trials(
+    trials: list[dict[str, Any]], swept: list[str], metric: str, mode: str, *, iterations: int
+) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
+    """One row per trial (steps run, stopped early, final and best value, its swept values) and each
+    trial's curve [(step, value)], from its run folder's metrics.jsonl."""
     rows = []
     curves = {}
     for trial in trials:
@@ -77,13 +87,31 @@ def sweep_report(
         }
         row.update({key: trial["params"].get(key) for key in swept})
         rows.append(row)
+    return rows, curves
+
+
+def write_trials_table(rows: list[dict[str, Any]], swept: list[str], path: Path) -> Path:
+    """The trials' rows as a Parquet table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
     for key in swept:  # parquet columns need one type: a conditional key is missing in some trials
         if any(isinstance(v, str) for v in columns.get(key, [])):
             columns[key] = [None if v is None else str(v) for v in columns[key]]
-    with atomic_path(out_dir / "results.parquet") as tmp:
+    with atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp)
+    return path
 
+
+def plot_sweep(
+    rows: list[dict[str, Any]],
+    curves: dict[str, list[tuple[int, float]]],
+    swept: list[str],
+    metric: str,
+    out_dir: Path,
+) -> None:
+    """metric_vs_<key>.png (final value against each swept key) and curves.png (every trial's curve)."""
     plt = _plt()
     final_key = f"final/{metric}"
     for key in swept:
@@ -117,10 +145,14 @@ def sweep_report(
     if len(curves) <= 12:
         ax.legend(fontsize=7)
     save_figure(fig, out_dir / "curves.png")
+
+
+def best_trial(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The best trial by its final value among those that ran to the end (ASHA stops the others early)."""
+    final_key = f"final/{metric}"
     finished = [row for row in rows if math.isfinite(row[final_key])]
     if not finished:
         return None
-    # The best trial by its final value among those that ran to the end (ASHA stops the others early).
     complete = [row for row in finished if not row["stopped_early"]] or finished
     return (max if mode == "max" else min)(complete, key=lambda row: row[final_key])
 

@@ -19,6 +19,7 @@ give, are independent too). Changing one choice (say the leap-pair law) keeps th
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,3 +42,34 @@ def stream_seed(seed: int, name: str, *indices: int) -> int:
 def stream(seed: int, name: str, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator on `device` (CPU by default: the same draws on every device) for the stream."""
     return torch.Generator(device=device).manual_seed(stream_seed(seed, name, *indices))
+
+
+class PromptOrder:
+    """The order a run draws its training prompts in (the "prompts" stream): shuffled passes over the
+    list. Its state is part of a checkpoint.
+
+    Global: every rank draws the global batch (world_size x batch_size prompts, the same on every rank)
+    and keeps its slice, so the order does not depend on the number of workers.
+    """
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = stream(seed, "prompts")
+        self.order: list[int] = []
+
+    def next_batch(self) -> list[str]:
+        batch = []
+        for _ in range(self.batch_size * self.world_size):
+            if not self.order:
+                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+            batch.append(self.prompts[self.order.pop()])
+        return batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])

@@ -80,7 +80,7 @@ def model_fingerprint(path: str, revision: str | None = None) -> dict[str, objec
     A local folder: the sha256 of every file under text_encoder*/ and tokenizer*/. A hub id: its commit
     (nothing of the text encoders is fetched; pin model.revision to keep a cache valid across pushes).
     """
-    from leapalign.models.flux import resolve_model_path
+    from leapalign.data import resolve_model_path
 
     local = resolve_model_path(path)
     folder = Path(local)
@@ -355,7 +355,7 @@ def run_device(cfg: Config) -> torch.device:
 
 def check_run_text_cache(cfg: Config) -> TextCache:
     """model.text_cache serves this run: its length, dtype, every prompt, then the model (hashing: last)."""
-    from leapalign.models.flux import pick_dtype
+    from leapalign.data import pick_dtype
 
     assert cfg.model.text_cache is not None
     cache = TextCache(cfg.model.text_cache)

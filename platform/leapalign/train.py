@@ -1,9 +1,9 @@
 """`train()`: one training run in this process (or in one Ray Train worker), whatever the method.
 
-It builds the shared run state (leapalign.training) and hands it to the method's recipe:
+It builds the shared run state (leapalign.run.TrainingRun) and hands it to the method's recipe:
 leapalign.recipes.direct for LeapAlign, ReFL, DRaFT-LV, DRTune and full backprop, leapalign.recipes.grpo
-for the GRPO family, leapalign.recipes.forward for DiffusionNFT and AWM. Ray, when used, only calls `train` with a distributed context and a checkpoint
-hook (leapalign.distributed).
+for the GRPO family, leapalign.recipes.forward for DiffusionNFT and AWM. Ray, when used, only calls
+`train` with a distributed context and a checkpoint hook (leapalign.distributed).
 """
 
 from __future__ import annotations
@@ -13,19 +13,13 @@ import signal
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from leapalign.config import Config
 from leapalign.logs import run_log_file
-from leapalign.rewards.base import RewardFn
-from leapalign.tracking import Tracker
-from leapalign.training import (
-    LocalContext,
-    StepHook,
-    TrainingRun,
-    TrainResult,
-    latest_local_checkpoint,
-    make_run,
-)
+from leapalign.methods import METHODS
+from leapalign.run import TrainingRun, TrainResult
+from leapalign.run_folder import StepHook, resume_checkpoint
 
 log = logging.getLogger("leapalign")
 
@@ -33,45 +27,32 @@ log = logging.getLogger("leapalign")
 def train(
     cfg: Config,
     *,
-    reward_fn: RewardFn | None = None,
-    tracker: Tracker | None = None,
-    dist: LocalContext | None = None,
     resume_from: Path | None = None,
     on_step_end: StepHook | None = None,
-    device: str | None = None,
-    progress: bool = True,
+    **run_options: Any,
 ) -> TrainResult:
     """Run cfg.train.iterations updates (or until train.max_nfe); returns the per-step metrics.
 
     resume_from: a checkpoint written by this loop; training continues at the step after it with the same
     weights, optimizer, EMA and random streams. Without it, train.resume=true continues from the newest
     checkpoint in OUTPUT/checkpoints (runs without Ray write them every train.checkpoint_every steps).
+    on_step_end: Ray's hook (reports, checkpoints in Ray storage); None: a local run (local checkpoints,
+    Ctrl-C finishes the step). run_options: the rest of TrainingRun's (reward_fn, tracker, dist, device,
+    progress).
     """
     if resume_from is None and cfg.train.resume and on_step_end is None:
-        resume_from = latest_local_checkpoint(Path(cfg.train.output_dir))
-        if resume_from is None:
-            raise FileNotFoundError(
-                f"train.resume=true but {Path(cfg.train.output_dir) / 'checkpoints'} holds no checkpoint; "
-                f"drop train.resume to start the run"
-            )
-    run = make_run(
-        cfg,
-        reward_fn=reward_fn,
-        tracker=tracker,
-        dist=dist,
-        on_step_end=on_step_end,
-        device=device,
-        progress=progress,
-    )
+        resume_from = resume_checkpoint(Path(cfg.train.output_dir))
+    run = TrainingRun(cfg, on_step_end=on_step_end, **run_options)
     with run_log_file(run.out_dir if run.dist.is_main else None):  # OUTPUT/train.log, rank 0
         run.begin(resume_from)
         # A local run (no Ray hook) stops cleanly on Ctrl-C: the current step ends and is checkpointed.
         with finish_step_on_interrupt(run) if on_step_end is None else nullcontext():
-            if cfg.method.name == "grpo":
+            recipe = METHODS[cfg.method.name].recipe
+            if recipe == "grpo":
                 from leapalign.recipes.grpo import train_grpo
 
                 train_grpo(run)
-            elif cfg.method.name in ("nft", "awm"):
+            elif recipe == "forward":
                 from leapalign.recipes.forward import train_forward
 
                 train_forward(run)

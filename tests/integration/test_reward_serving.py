@@ -155,7 +155,8 @@ def test_concurrent_callers_are_batched(serving_cluster):
 
 
 def test_weighted_sum_of_served_rewards_logs_each_component(serving_cluster, tiny_flux_dir, tmp_path):
-    color_alone = ensure_reward_service(reward_cfg()).reward.app  # deployed here: the test needs no other test
+    # Deployed here: the test needs no other test.
+    color_alone = ensure_reward_service(reward_cfg()).reward.app
     before = set(apps())
     cfg = ensure_reward_service(reward_cfg(**WEIGHTED))
     served_apps = {label: spec["app"] for label, spec in cfg.reward.options.items()}

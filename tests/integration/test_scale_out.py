@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from leapalign.distributed.ray_train import run_on_ray
+from leapalign.streams import PromptOrder
 from leapalign.train import train
-from leapalign.training import PromptSampler
 from tests.conftest import local_ray, start_in_thread
 from tests.integration.test_ray_train import metric_steps, only_run, tiny_cfg
 
@@ -195,7 +195,7 @@ def test_nan_reward_on_rank_one_skips_the_step_on_every_rank(ray_cluster, tiny_f
     # Four prompts; the one rank 1 draws at step 1 (global streams: the order is known in advance) is
     # poisoned: BrokenReward gives NaN for prompts containing "poison".
     clean = ["a red square", "a blue circle", "a green field", "a yellow sun"]
-    ranks = [PromptSampler(clean, 1, seed=0, rank=r, world_size=2).next_batch()[0] for r in (0, 1)]
+    ranks = [PromptOrder(clean, 1, seed=0, rank=r, world_size=2).next_batch()[0] for r in (0, 1)]
     prompts = ["poison " + p if p == ranks[1] else p for p in clean]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")

@@ -23,7 +23,7 @@ CHECK = textwrap.dedent(
     from leapalign.methods import DIRECT_METHODS
     from leapalign.methods.common import StepRandomness
     from leapalign.rewards.configured import build_configured_reward
-    from leapalign.training import setup_policy
+    from leapalign.finetune import setup_policy
 
     cfg = load_config(sys.argv[1], sys.argv[2:])
     policy = setup_policy(cfg, "cpu")

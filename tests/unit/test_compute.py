@@ -16,7 +16,7 @@ from leapalign.compute import count_flops
 from leapalign.config import load_config
 from leapalign.recipes.direct import train_direct
 from leapalign.recipes.grpo import train_grpo
-from leapalign.training import make_run
+from leapalign.run import TrainingRun
 from tests.conftest import TINY_CONFIG, tiny_overrides
 
 
@@ -56,7 +56,7 @@ def scorer_cfg(tiny_flux_dir, tmp_path, **extra):
 
 
 def one_update(cfg) -> tuple[dict, object]:
-    run = make_run(cfg, progress=False)
+    run = TrainingRun(cfg, progress=False)
     run.begin(None)
     (train_grpo if cfg.method.name == "grpo" else train_direct)(run)
     return run.result.history[-1], run.costs
@@ -104,7 +104,7 @@ def test_a_flop_budget_stops_the_run_on_the_update_that_crosses_it(tiny_flux_dir
     probe, _ = one_update(scorer_cfg(tiny_flux_dir, tmp_path / "probe"))
     per_update = probe["compute/flops"]
     cfg = scorer_cfg(tiny_flux_dir, tmp_path, **{"train.iterations": 50, "train.max_flops": 2.5 * per_update})
-    run = make_run(cfg, progress=False)
+    run = TrainingRun(cfg, progress=False)
     run.begin(None)
     train_direct(run)
     totals = [m["compute/flops_total"] for m in run.result.history]

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from leapalign.config import load_config
+from leapalign.finetune import setup_policy, trainable_parameters
 from leapalign.methods.leapalign import rollout_with_leaps
+from leapalign.run_folder import save_trained_weights
 from leapalign.sampling import rollout
 from leapalign.train import train
-from leapalign.training import save_trained_weights, setup_policy, trainable_parameters
 from tests.conftest import TINY_CONFIG, tiny_overrides
 
 

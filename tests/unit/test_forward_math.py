@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from leapalign.config import ConfigError, load_config
+from leapalign.finetune import EMA
 from leapalign.methods.awm import awm_log_prob, awm_loss
 from leapalign.methods.forward_process import copy_decay, noise_latents, plan_timesteps
 from leapalign.methods.nft import nft_loss
-from leapalign.training import EMA
 from tests.conftest import TINY_CONFIG
 
 F64 = torch.float64

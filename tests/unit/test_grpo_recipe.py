@@ -9,7 +9,7 @@ import pytest
 
 from leapalign.config import load_config
 from leapalign.recipes.grpo import train_grpo
-from leapalign.training import make_run
+from leapalign.run import TrainingRun
 from tests.conftest import TINY_CONFIG, tiny_overrides
 
 
@@ -22,7 +22,7 @@ def grpo_cfg(tiny_flux_dir, tmp_path, **extra):
 
 
 def one_iteration(cfg) -> dict:
-    run = make_run(cfg, progress=False)
+    run = TrainingRun(cfg, progress=False)
     run.begin(None)
     train_grpo(run)
     return run.result.history[-1]
@@ -43,10 +43,10 @@ def test_cps_never_trains_its_deterministic_last_step(tiny_flux_dir, tmp_path, c
 
 
 def test_dance_grpo_decodes_the_last_steps_x0_prediction(tiny_flux_dir, tmp_path):
+    from leapalign.finetune import setup_policy
     from leapalign.methods.common import StepRandomness
     from leapalign.methods.grpo import plan_steps
     from leapalign.recipes.grpo import group_rollout
-    from leapalign.training import setup_policy
 
     cfg = grpo_cfg(tiny_flux_dir, tmp_path, **{"method.grpo.variant": "dance_grpo", "method.grpo.sde": "dance_grpo",
                                                "method.grpo.noise_level": 0.3})  # fmt: skip
@@ -91,9 +91,9 @@ def test_per_component_advantages_by_hand():
     import torch
 
     from leapalign.config import GRPOConfig
+    from leapalign.parallel import LocalContext
     from leapalign.recipes.grpo import grpo_advantages
     from leapalign.rewards.configured import WeightedSum
-    from leapalign.training import LocalContext
 
     summed = WeightedSum.of({"a": (0.7, None), "b": (0.3, None)})
     components = {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([10.0, 10.0])}  # one group of 2

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from leapalign.rewards.base import REWARDS, build_reward
-from leapalign.world.evaluator import evaluate_image
+from leapalign.world.judge import evaluate_image
 from leapalign.world.layout_reward import WorldLayoutReward, relation_holds
 from leapalign.world.scenes import (
     CATEGORIES,

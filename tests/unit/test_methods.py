@@ -13,13 +13,13 @@ import torch
 
 from leapalign.compute import ComputeMeter
 from leapalign.config import load_config
+from leapalign.finetune import setup_policy
 from leapalign.methods import DIRECT_METHODS, update_nfe_range
 from leapalign.methods.common import StepRandomness
 from leapalign.methods.drtune import drtune_rollout, sample_grad_steps
 from leapalign.methods.leapalign import leaps_from_trajectory, rollout_with_leaps
 from leapalign.rewards.simple import ColorMatch
 from leapalign.sampling import rollout
-from leapalign.training import setup_policy
 from tests.conftest import TINY_CONFIG, tiny_overrides
 
 PROMPTS = ["a red square", "a blue circle"]
@@ -345,11 +345,11 @@ def test_the_weight_copy_follows_the_trained_weights_by_its_schedule(tiny_flux_d
     """After rollout k (one optimizer step each) the copy is s_k = d_k s_{k-1} + (1 - d_k) w_k with
     d_k = min(rate k, cap), s_0 the initial weights and w_k the weights after update k."""
     from leapalign.recipes.forward import train_forward
-    from leapalign.training import make_run
+    from leapalign.run import TrainingRun
 
     cfg = forward_cfg(tiny_flux_dir, tmp_path, method, **{"train.iterations": 3,
                       f"method.{method}.decay_rate": 0.2, f"method.{method}.decay_cap": 0.5})  # fmt: skip
-    run = make_run(cfg, reward_fn=ColorMatch(), progress=False)
+    run = TrainingRun(cfg, reward_fn=ColorMatch(), progress=False)
     hand = [p.detach().clone() for p in run.params]
     after = []
     run.on_step_end = lambda end: after.append([p.detach().clone() for p in run.params])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from leapalign.config import load_config
 from leapalign.distributed.ray_train import worker_env
-from leapalign.distributed.reward_service import serving_plan
+from leapalign.rewards.serving import serving_plan
 from tests.conftest import TINY_CONFIG
 
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}

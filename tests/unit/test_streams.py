@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from leapalign.methods.common import StepRandomness
-from leapalign.streams import STREAMS, stream, stream_seed
-from leapalign.training import PromptSampler
+from leapalign.streams import STREAMS, PromptOrder, stream, stream_seed
 
 
 def draws(generator: torch.Generator) -> tuple[int, ...]:
@@ -26,7 +25,7 @@ def test_no_stream_of_one_seed_equals_any_stream_of_another():
     for s in seeds:
         mine, next_seed = StepRandomness.seeded(s), StepRandomness.seeded(s + 1)
         assert draws(mine.steps) != draws(next_seed.noise), f"seed {s}'s steps == seed {s + 1}'s noise"
-    orders = {tuple(PromptSampler(list(range(50)), 50, s).next_batch()) for s in seeds}
+    orders = {tuple(PromptOrder(list(range(50)), 50, s).next_batch()) for s in seeds}
     assert len(orders) == len(seeds), "every seed its own prompt order"
 
 

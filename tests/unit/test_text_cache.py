@@ -18,10 +18,10 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from leapalign.config import load_config
 from leapalign.data import load_prompts
+from leapalign.finetune import setup_policy
 from leapalign.models.flux import FluxPolicy
 from leapalign.text_cache import TextCache, TextCacheError, write_text_cache
 from leapalign.train import train
-from leapalign.training import setup_policy
 from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
 
 LENGTH = 16  # experiments/tiny_demo.yaml: model.max_sequence_length

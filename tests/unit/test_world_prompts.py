@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from leapalign.data import prompt_split
 from leapalign.world import prompts
 from leapalign.world.prompts import (
     HELD_OUT_PAIRS,
@@ -125,7 +126,7 @@ def test_make_prompt_files_and_cli(tmp_path):
     assert len(validation) == 18 and all(mentions_held_out(parse_caption(r.prompt)) for r in validation), (
         "validation prompts test the same compositions as the test split"
     )
-    assert [prompts.prompt_split(p) for p in (train_path, eval_path, validation_path)] == [
+    assert [prompt_split(p) for p in (train_path, eval_path, validation_path)] == [
         "train",
         "eval",
         "validation",
@@ -145,7 +146,7 @@ def test_make_prompt_files_and_cli(tmp_path):
 
 
 def test_the_shipped_validation_split_is_the_generators():
-    from leapalign.models.flux import PACKAGE_DIR
+    from leapalign.data import PACKAGE_DIR
 
     folder = PACKAGE_DIR / "assets" / "prompts" / "world"
     train, evaluation = prompts.build_prompt_sets(0, prompts.DEFAULT_N_TRAIN, prompts.DEFAULT_N_EVAL)

@@ -20,6 +20,9 @@ reshards; keep the global batch ray.num_workers x train.batch_size to keep the n
 MLflow without duplicates: rank 0 logs every step as it ends (live curves) and, when it starts, asks MLflow
 for the last step it holds; steps replayed after a restart or a resume (the same numbers again) are dropped
 (tracking.ResumableTracker). Metrics also reach Ray every step, so a Tune scheduler sees the curve.
+
+Why one file over 500 lines: the driver and the worker of one Ray Train run, which pass each other the
+config, the checkpoint hook and the run's identity.
 """
 
 from __future__ import annotations
@@ -41,28 +44,26 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from leapalign.config import Config, with_overrides
-from leapalign.data import load_prompts
 from leapalign.distributed.progress import ForwardWarnings, RunProgress, follow, step_headline
 from leapalign.distributed.reward_service import (
     absolute_reward_paths,
-    check_reward_config,
     ensure_reward_service,
     make_reward_fn,
     reward_service_resources,
 )
-from leapalign.models.flux import resolve_model_path
 from leapalign.numerics import process_env
+from leapalign.parallel import TorchDistContext
+from leapalign.preflight import USER_ERRORS, preflight
+from leapalign.run_folder import StepEnd, StepHook, clear_output_dir
 from leapalign.tracking import (
     RUN_RECORD,
     MLflowTracker,
     NullTracker,
     ResumableTracker,
     Tracker,
-    check_tracking_uri,
     open_tracker,
 )
 from leapalign.train import train
-from leapalign.training import StepEnd, StepHook, TorchDistContext, check_output_dir, clear_output_dir
 
 log = logging.getLogger("leapalign")
 
@@ -83,7 +84,6 @@ FAULT_GRACE_S = 3.0  # seconds between the injected fault's decision and the exi
 PLACEMENT_GROUP_KEY = "ray/placement_group"
 CONTROLLER_KEY = "ray/train_controller"
 RUN_IDENTITY_KEYS = (PLACEMENT_GROUP_KEY, CONTROLLER_KEY)
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -112,7 +112,8 @@ def run_on_ray(
     and prints the workers' warnings (a sweep's trials draw none: the sweep has its own bar).
     """
     cfg = absolute_paths(cfg)
-    check_inputs(cfg)
+    preflight(cfg)
+    check_fault_injection()
     storage = RunStorage(cfg.ray.storage_path, cfg.ray.run_name or Path(cfg.train.output_dir).name)
     record = storage.read_record() if cfg.train.resume else None
     if cfg.train.resume and record is None:
@@ -222,14 +223,8 @@ def absolute_paths(cfg: Config, cwd: str | os.PathLike[str] | None = None) -> Co
     return with_overrides(cfg, updates)
 
 
-def check_inputs(cfg: Config) -> None:
-    """What the workers would otherwise fail on after minutes (and max_failures retries) fails here."""
-    resolve_model_path(cfg.model.path)
-    load_prompts(cfg.train.prompts)
-    check_reward_config(cfg)  # names and options; a reward built in each worker is built here once
-    check_output_dir(cfg)
-    if cfg.tracking.enabled:
-        check_tracking_uri(cfg.tracking.uri)
+def check_fault_injection() -> None:
+    """The fault-injection variables (FAULT_STEP_ENV) make sense only with a marker file."""
     if os.environ.get(FAULT_STEP_ENV) and not os.environ.get(FAULT_MARKER_ENV):
         raise ValueError(
             f"{FAULT_STEP_ENV} needs {FAULT_MARKER_ENV}=FILE, or the fault repeats on every restart"

@@ -29,14 +29,16 @@ sweep trials with the same reward share one deployment (ensure_reward_service fi
 saved with such a name deploys it again on a fresh cluster. Lifetime: applications live until
 `serve.delete(app)` (or `python -m reward_servers.serve --stop APP`), `serve.shutdown()` or the cluster
 stops; a private cluster started by `leapalign train` takes them with it.
+
+Why one file over 500 lines: both sides of the gradient bridge (the replica's `RewardModel` and the
+worker's `ServedReward`) and the deployment that joins them, read together; what is served (the plan
+and its checks, no Ray) is leapalign.rewards.serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
-import json
 import logging
 import os
 import re
@@ -45,7 +47,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +58,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from torch import Tensor
 
 from leapalign.config import RewardConfig, with_overrides
-from leapalign.numerics import process_env
 from leapalign.rewards.base import (
-    REWARD_PATHS,
-    REWARDS,
     RewardError,
     RewardFn,
     build_reward,
@@ -75,6 +74,13 @@ from leapalign.rewards.configured import (
     rewards_and_gradients,
     wire_dtype,
 )
+from leapalign.rewards.serving import (
+    AUTO_APP_PREFIX,
+    ServingSpec,
+    check_reward,
+    serves_reward,
+    serving_plan,
+)
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -83,7 +89,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("leapalign")
 
-AUTO_APP_PREFIX = "leapalign-reward-"  # applications named from their spec; any other name is the user's
 DEPLOYMENT = "RewardModel"  # the one deployment in each reward application
 READY_TIMEOUT_S = 600.0  # a replica builds its reward (weights download, load) within this
 _WIRE_DTYPES = (np.float32, np.float64)  # what travels; bf16/fp16 images are sent as float32
@@ -91,110 +96,6 @@ _WIRE_DTYPES = (np.float32, np.float64)  # what travels; bf16/fp16 images are se
 
 class RewardServiceError(ValueError):
     """A reward application that cannot be deployed, found or reached; the message says what to do."""
-
-
-# ----------------------------------------------------------------------------- what is served
-
-
-@dataclass(frozen=True)
-class ServingSpec:
-    """One reward model as a deployment: what it builds and how it is served. Its hash names the app."""
-
-    reward: str  # registered name or "pkg.module:Factory"
-    options: dict[str, Any]  # the factory's keyword arguments
-    replicas: int
-    max_replicas: int  # > replicas: autoscaling
-    cpus_per_replica: float
-    gpus_per_replica: float
-    max_batch: int  # images per batched forward
-    batch_wait_ms: float
-    runtime_env: dict[str, Any]
-
-    @classmethod
-    def from_config(cls, reward_cfg: RewardConfig, name: str, options: dict, **overrides: Any) -> ServingSpec:
-        fields = {key: getattr(reward_cfg, key) for key in RewardConfig.SERVING_KEYS if key != "app"}
-        return cls(reward=name, options=dict(options), **{**fields, **overrides})
-
-    @property
-    def version(self) -> str:
-        """Hash of everything that changes what a replica computes or holds."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
-        return hashlib.sha1(blob).hexdigest()[:10]
-
-    @property
-    def auto_app(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9_.]+", "_", self.reward.rsplit(":", 1)[-1].rsplit(".", 1)[-1])[:40]
-        return f"{AUTO_APP_PREFIX}{slug}-{self.version}"
-
-    @property
-    def torch_threads(self) -> int:
-        return max(1, int(self.cpus_per_replica))
-
-
-@dataclass(frozen=True)
-class ServedPart:
-    label: str | None  # weighted_sum component label; None for a single reward
-    weight: float
-    spec: ServingSpec
-    app: str | None  # the configured application; None = the spec's auto name
-
-
-def serving_plan(reward_cfg: RewardConfig, cpu_isa: str = "native") -> list[ServedPart]:
-    """The deployments a reward config needs: one, or one per weighted_sum component.
-
-    cpu_isa (train.cpu_isa): the replicas' kernels are pinned like the workers' (their runtime_env), so a
-    served reward gives the same numbers on every CPU; it is part of the spec, hence of the app's name. The
-    replicas' OpenMP threads wait as the workers' do (leapalign.numerics.THREAD_ENV)."""
-    pins = process_env(cpu_isa)
-
-    def pinned(spec: ServingSpec) -> ServingSpec:
-        runtime_env = dict(spec.runtime_env)
-        runtime_env["env_vars"] = {**pins, **runtime_env.get("env_vars", {})}
-        return replace(spec, runtime_env=runtime_env)
-
-    if reward_cfg.name != RewardConfig.WEIGHTED_SUM:
-        spec = ServingSpec.from_config(reward_cfg, reward_cfg.name, reward_cfg.options)
-        return [ServedPart(None, 1.0, pinned(spec), reward_cfg.app)]
-    parts = []
-    for label, component in reward_cfg.components().items():
-        overrides = {k: v for k, v in component.items() if k in RewardConfig.SERVING_KEYS and k != "app"}
-        spec = ServingSpec.from_config(reward_cfg, component["name"], component["options"], **overrides)
-        parts.append(ServedPart(label, component["weight"], pinned(spec), component.get("app")))
-    return parts
-
-
-def serves_reward(cfg: Config) -> bool:
-    """The Ray path serves the reward unless reward.serve=false; ray.enabled=false never does."""
-    return cfg.ray.enabled and cfg.reward.serve
-
-
-def check_reward_config(cfg: Config) -> None:
-    """Before any work: a served reward's names and options resolve (no weights loaded in the driver);
-    a reward built in each worker is built here once, as the workers will."""
-    if not serves_reward(cfg):
-        build_configured_reward(cfg.reward)
-        return
-    for part in serving_plan(cfg.reward, cfg.train.cpu_isa):
-        check_served_reward(part.spec)
-
-
-def check_served_reward(spec: ServingSpec) -> None:
-    """An unknown name fails at once; a known one's options must fit its factory. A reward whose module
-    needs packages only the replicas' runtime_env installs is left for the replica to check."""
-    if spec.reward not in REWARD_PATHS and spec.reward not in REWARDS and ":" not in spec.reward:
-        resolve_reward(spec.reward)  # raises ValueError naming the choices
-    try:
-        factory = resolve_reward(spec.reward)
-    except ValueError:
-        if spec.runtime_env:
-            return
-        raise
-    try:
-        inspect.signature(factory).bind(**spec.options)
-    except TypeError as err:
-        raise ValueError(f"reward {spec.reward!r}: bad options {spec.options!r} ({err})") from None
-    except ValueError:  # no signature to inspect: the replica reports it
-        pass
 
 
 def reward_service_resources(cfg: Config) -> dict[str, float]:
@@ -515,7 +416,7 @@ def ensure_reward_service(cfg: Config, *, timeout_s: float = READY_TIMEOUT_S) ->
     """
     if not serves_reward(cfg):
         return cfg
-    check_reward_config(cfg)  # an unknown name fails here, not after a replica has tried to build it
+    check_reward(cfg)  # an unknown name fails here, not after a replica has tried to build it
     apps: dict[str | None, str] = {}
     for part in serving_plan(cfg.reward, cfg.train.cpu_isa):
         auto = part.app is None or part.app.startswith(AUTO_APP_PREFIX)  # a saved config's auto name is stale

@@ -12,6 +12,10 @@ Folders under the experiment's out_dir:
     experiment.json   the parent MLflow run a resumed experiment reattaches to
 Resuming (the same command again): finished trials are kept, unfinished ones restart from their own
 newest checkpoint, and every MLflow run and step exists once (nested runs reattach by run record).
+
+Why one file over 500 lines: the trial engine (plans, callbacks, resume) and the two commands built on
+it, which differ only in their plans; the reports themselves are leapalign.reports and
+leapalign.comparison.
 """
 
 from __future__ import annotations
@@ -82,10 +86,17 @@ class TrialRecord:
 
 
 def trial_main(params: dict[str, Any], plan: TrialPlan, parent_run_id: str | None) -> None:
-    """One trial: the base config plus the trial's overrides, trained through run_on_ray."""
+    """One trial: the base config plus the trial's overrides, trained through run_on_ray (its preflight
+    first: a trial's inputs are checked as a `leapalign train` run's)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(params, plan, tune.get_context().get_trial_id())
+    run_on_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id, show_progress=False)
+
+
+def trial_config(params: dict[str, Any], plan: TrialPlan, trial_id: str) -> Config:
+    """A trial's run config: its own run folder, Train storage and MLflow run name; a trial restarted by a
+    resumed experiment continues its own Train run (and its MLflow run)."""
     storage_path = str(plan.out_dir / "train")
     cfg = with_overrides(
         plan.configure(params),
@@ -96,10 +107,8 @@ def trial_main(params: dict[str, Any], plan: TrialPlan, parent_run_id: str | Non
             "tracking.run_name": plan.run_label(params) or trial_id,
         },
     )
-    # A trial restarted by a resumed experiment continues its own Train run (and its MLflow run).
     resume = RunStorage(storage_path, trial_id).read_record() is not None
-    cfg = with_overrides(cfg, {"train.resume": resume, "train.overwrite": not resume})
-    run_on_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id, show_progress=False)
+    return with_overrides(cfg, {"train.resume": resume, "train.overwrite": not resume})
 
 
 def per_trial_resources(cfg: Config) -> dict[str, float]:
@@ -539,8 +548,7 @@ def run_compare(spec, out_dir: Path, *, restart: bool = False) -> Path:
 
 
 def _run_compare(spec, out_dir: Path, *, restart: bool) -> Path:
-    from leapalign.comparison import collect_runs, summarise, tuning_section, write_report
-    from leapalign.evaluation import sample_report_grid
+    from leapalign.comparison import compare_report
 
     runs = spec.runs
     chosen, tuning = tune_methods(spec, out_dir, restart=restart) if spec.tune is not None else ({}, [])
@@ -577,20 +585,7 @@ def _run_compare(spec, out_dir: Path, *, restart: bool) -> Path:
             entries.append(
                 (label, seed, folder, error if record is None or record.status == "ERROR" else None)
             )
-    results = collect_runs(entries, spec.metric)
-    summary = summarise(
-        results, spec.metric, reference=spec.reference, unit=spec.unit, target_share=spec.target_share
-    )
-    grid = sample_report_grid(
-        absolute_paths(spec.base), [(label, next((r.run_dir for r in results if r.label == label and r.usable), None))
-                                    for label in runs]
-    )  # fmt: skip
-    title = f"{spec.name}: {', '.join(runs)}, {len(spec.seeds)} seeds"
-    budget = f"Every run stopped once it had used {spec.budget_text()} (seeds {spec.seeds})."
-    extra = tuning_section(spec, chosen, tuning) if spec.tune is not None else []
-    report = write_report(
-        summary, results, out_dir / "report", title=title, budget=budget, grid=grid, extra=extra
-    )
+    report = compare_report(spec, absolute_paths(spec.base), entries, out_dir / "report", chosen, tuning)
     parent.log_params({"compare.budget": json.dumps(spec.budget), "compare.seeds": str(spec.seeds),
                        "compare.runs": ", ".join(runs), "compare.metric": spec.metric,
                        "compare.reference": spec.reference, "compare.tuned": spec.tune is not None})  # fmt: skip

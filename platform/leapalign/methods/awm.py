@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from leapalign.config import AWM_WEIGHTINGS, Config
+from leapalign.methods.forward_process import forward_update_nfe
 from leapalign.methods.grpo import ppo_clipped_loss
 
-WEIGHTINGS = ("uniform", "t", "t2", "huber", "ghuber")
 _EPS = 1e-10  # the reference's 1e-10 inside the root
 
 
@@ -43,8 +44,8 @@ def awm_log_prob(
     """AWM's surrogate log-likelihood [B] of x_0 at sigma (module docstring), in float64, graph to velocity.
 
     velocity, x0, noise [B, S, C]; sigma [] or [B]."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown AWM weighting {weighting!r}: use one of {WEIGHTINGS}")
+    if weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"unknown AWM weighting {weighting!r}: use one of {AWM_WEIGHTINGS}")
     if weighting == "ghuber" and power <= 0:
         raise ValueError(f"ghuber power={power} must be > 0 (AWM: 0.25)")
     target = noise.double() - x0.double()  # eps - x_0
@@ -95,3 +96,14 @@ def awm_loss(
             loss = loss + weight * kl
             metrics[f"awm/{name}"] = kl.detach()
     return loss, metrics
+
+
+def update_nfe_range(cfg: Config) -> tuple[int, int]:
+    """Forward-equivalents of one update (fewest = most): the forward process's, with v_ema's forward at
+    every trained pair when ema_kl_beta > 0, and the later optimizer steps' pairs scored once more under the
+    rollout weights (the first step's share holds ceil(images / U) images: torch.tensor_split)."""
+    opts = cfg.method.awm
+    images = cfg.train.batch_size * opts.group_size
+    later = images - -(-images // opts.updates_per_rollout)
+    cost = forward_update_nfe(cfg, opts, copy_forwards=1 if opts.ema_kl_beta > 0 else 0, later_images=later)
+    return cost, cost

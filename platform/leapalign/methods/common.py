@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from leapalign.compute import backward_nfe
 from leapalign.config import Config
 from leapalign.models.flux import FluxPolicy
 from leapalign.rewards.base import RewardFn, check_rewards
@@ -125,3 +126,14 @@ def reward_metrics(rewards: Tensor) -> dict[str, Tensor]:
         "reward/std": std,
         **{f"reward/{label}": values.float().mean() for label, values in components.items()},
     }
+
+
+def direct_update_nfe(cfg: Config, fewest: int, most: int) -> tuple[int, int]:
+    """A direct method's cost per image -> per update on one worker: every image of every micro-batch."""
+    images = cfg.train.batch_size * cfg.train.grad_accum
+    return fewest * images, most * images
+
+
+def backward_cost(cfg: Config) -> int:
+    """Forward-equivalents of one backward through a transformer call under this config."""
+    return backward_nfe(cfg.finetune.gradient_checkpointing)

@@ -20,7 +20,9 @@ from torch import Tensor
 from leapalign.config import Config
 from leapalign.methods.common import (
     StepRandomness,
+    backward_cost,
     decode_and_score,
+    direct_update_nfe,
     hinge_loss,
     prepare_batch,
     reward_metrics,
@@ -73,3 +75,12 @@ def drtune_loss(
     rewards = decode_and_score(policy, x0_hat, prompts, reward_fn, cfg)
     loss = hinge_loss(rewards, None, opts.hinge)
     return loss, {"loss": loss.detach(), **reward_metrics(rewards), "drtune/t": float(t)}
+
+
+def update_nfe_range(cfg: Config) -> tuple[int, int]:
+    """(fewest, most) forward-equivalents of one update: t + 1 forwards, a backward through each of the
+    (at most K) calls with a graph; t among the last `last_steps` steps."""
+    n, bw, opts = cfg.sampler.num_steps, backward_cost(cfg), cfg.method.drtune
+    first = max(0, n - opts.last_steps)
+    fewest = first + 1 + min(opts.grad_steps, first + 1) * bw
+    return direct_update_nfe(cfg, fewest, n + min(opts.grad_steps, n) * bw)

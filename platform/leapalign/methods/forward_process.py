@@ -7,6 +7,7 @@ the sampler's steps, re-noise x_0 to a few grid sigmas and regress the velocity 
 
     plan_timesteps   which grid sigmas each sample is trained at ([B, N] bool, a GRPO `StepPlan.train`)
     noise_latents    x_t from x_0 and eps
+    forward_update_nfe  the cost formula both methods' own `update_nfe_range` build on
     copy_decay       the ramped decay of the weight copy each method keeps (DiffusionNFT's "old" policy,
                      AWM's EMA-KL target): copy <- d copy + (1 - d) current after each rollout
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-TIMESTEP_SAMPLINGS = ("random", "stratified")
+from leapalign.compute import backward_nfe
+from leapalign.config import TIMESTEP_SAMPLINGS, AWMConfig, Config, NFTConfig
 
 
 def plan_timesteps(
@@ -80,3 +82,16 @@ def copy_decay(optimizer_steps: int, rate: float, cap: float) -> float:
             f"optimizer_steps={optimizer_steps}, rate={rate} must be >= 0 and cap={cap} in [0, 1)"
         )
     return min(rate * optimizer_steps, cap)
+
+
+def forward_update_nfe(
+    cfg: Config, opts: NFTConfig | AWMConfig, copy_forwards: int, later_images: int
+) -> int:
+    """Forward-equivalents of one update: N rollout forwards per image; per trained pair (K per image) a
+    forward and its backward, the reference's forward (kl_beta > 0) and `copy_forwards` of the weight copy;
+    and one forward per pair of `later_images` (AWM scores its later optimizer steps' pairs under the
+    rollout weights)."""
+    images, k = cfg.train.batch_size * opts.group_size, opts.train_timesteps
+    bw = backward_nfe(cfg.finetune.gradient_checkpointing)
+    per_pair = 1 + bw + (1 if opts.kl_beta > 0 else 0) + copy_forwards
+    return images * (cfg.sampler.num_steps + k * per_pair) + k * later_images

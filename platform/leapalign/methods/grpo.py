@@ -34,11 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from leapalign.compute import backward_nfe
+from leapalign.config import GRPO_VARIANTS, SDE_KINDS, STD_SCOPES, Config
 from leapalign.sampling import euler_step
-
-SDE_KINDS = ("flow_grpo", "dance_grpo", "cps")
-PLAN_VARIANTS = ("flow_grpo", "dance_grpo", "mixgrpo", "fast")
-STD_SCOPES = ("group", "batch")
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -359,8 +357,8 @@ def plan_steps(
     last_step_stochastic=False (CPS: at sigma_next = 0 its std is 0, the step is Euler's and has no
     log-density) makes the last step an untrained ODE step in every variant.
     """
-    if variant not in PLAN_VARIANTS:
-        raise ValueError(f"unknown GRPO variant {variant!r}: use one of {PLAN_VARIANTS}")
+    if variant not in GRPO_VARIANTS:
+        raise ValueError(f"unknown GRPO variant {variant!r}: use one of {GRPO_VARIANTS}")
     if num_steps < 1 or batch_size < 1:
         raise ValueError(f"num_steps={num_steps} and batch_size={batch_size} must be >= 1")
     if iteration < 0:
@@ -420,3 +418,21 @@ def _last_step_deterministic(plan: StepPlan, last_step_stochastic: bool) -> Step
         plan.sde[-1] = False
         plan.train[:, -1] = False
     return plan
+
+
+def update_nfe_range(cfg: Config) -> tuple[int, int]:
+    """Forward-equivalents of one update (fewest = most): per rollout image N sampling calls, and per trained
+    step a forward and a backward, plus the reference's forward when kl_beta > 0."""
+    n, opts = cfg.sampler.num_steps, cfg.method.grpo
+    trained = {
+        "flow_grpo": max(1, int(opts.train_fraction * n)),
+        "dance_grpo": max(1, int(opts.train_fraction * (n - 1))),  # never its last step
+        "mixgrpo": min(opts.window_size, n - 2),  # never the last two steps
+        "fast": opts.window_size,
+    }[opts.variant]
+    if opts.sde == "cps" and opts.variant == "flow_grpo":
+        trained = min(trained, n - 1)  # CPS's last step is deterministic: never trained
+    bw = backward_nfe(cfg.finetune.gradient_checkpointing)
+    per_image = n + trained * (1 + bw + (1 if opts.kl_beta > 0 else 0))
+    cost = cfg.train.batch_size * opts.group_size * per_image
+    return cost, cost

@@ -28,7 +28,9 @@ from torch import Tensor
 from leapalign.config import Config, LeapConfig
 from leapalign.methods.common import (
     StepRandomness,
+    backward_cost,
     decode_and_score,
+    direct_update_nfe,
     hinge_loss,
     prepare_batch,
     reward_metrics,
@@ -302,3 +304,11 @@ def leapalign_loss(
         "weight/mean": weight.mean(),
         **at_cap,
     }
+
+
+def update_nfe_range(cfg: Config) -> tuple[int, int]:
+    """(fewest, most) forward-equivalents of one update: N rollout calls and two calls with a graph per leap
+    pair; P > 1 pairs per rollout re-run each pair's two forwards with a graph (N + 2P + 2P bw per image)."""
+    n, bw, pairs = cfg.sampler.num_steps, backward_cost(cfg), cfg.method.leapalign.pairs_per_rollout
+    per_image = (n + 2 * bw) if pairs == 1 else (n + 2 * pairs + 2 * pairs * bw)
+    return direct_update_nfe(cfg, per_image, per_image)

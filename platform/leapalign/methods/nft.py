@@ -30,6 +30,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from leapalign.config import Config
+from leapalign.methods.forward_process import forward_update_nfe
+
 WEIGHT_FLOOR = 1e-5  # the reference's .clip(min=0.00001) on the adaptive weight
 
 
@@ -96,3 +99,10 @@ def nft_loss(
         loss = loss + kl_beta * kl
         metrics["nft/kl"] = kl.detach()
     return loss, metrics
+
+
+def update_nfe_range(cfg: Config) -> tuple[int, int]:
+    """Forward-equivalents of one update (fewest = most): the forward process's, with v_old's forward at
+    every trained pair."""
+    cost = forward_update_nfe(cfg, cfg.method.nft, copy_forwards=1, later_images=0)
+    return cost, cost

@@ -13,7 +13,9 @@ from torch import Tensor
 from leapalign.config import Config
 from leapalign.methods.common import (
     StepRandomness,
+    backward_cost,
     decode_and_score,
+    direct_update_nfe,
     hinge_loss,
     prepare_batch,
     reward_metrics,
@@ -59,3 +61,11 @@ def refl_loss(
         "refl/t": float(t),
         "refl/sigma_t": sigmas[t],
     }
+
+
+def update_nfe_range(cfg: Config) -> tuple[int, int]:
+    """(fewest, most) forward-equivalents of one update: t + 1 forwards and one backward, t among the last
+    `last_steps` steps."""
+    n, bw = cfg.sampler.num_steps, backward_cost(cfg)
+    first = max(0, n - cfg.method.refl.last_steps)
+    return direct_update_nfe(cfg, first + 1 + bw, n + bw)

@@ -9,21 +9,18 @@ loop out (leapalign.sampling, leapalign.methods).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from leapalign.compute import ComputeMeter
+from leapalign.data import pick_dtype, resolve_model_path
 from leapalign.sampling import VelocityFn, flux_sigmas, rollout
 
 if TYPE_CHECKING:
     from leapalign.text_cache import TextCache
-
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -45,34 +42,6 @@ class PromptEmbeds:
     def select(self, index: slice | Tensor) -> PromptEmbeds:
         """The rows `index` of the batch (a slice or a tensor of indices)."""
         return PromptEmbeds(self.prompt_embeds[index], self.pooled_prompt_embeds[index], self.text_ids)
-
-
-def resolve_model_path(path: str) -> str:
-    """A local folder (as given, or under the installed package), else the string itself as a hub id.
-
-    Anything that looks like a path (starts with '.', '/', '~' or has more than one '/') must exist:
-    a typo should not turn into a confusing hub lookup.
-    """
-    candidate = Path(path).expanduser()
-    if candidate.is_dir():
-        return str(candidate)
-    packaged = PACKAGE_DIR / path
-    if packaged.is_dir():
-        return str(packaged)
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path
-    if looks_local or candidate.exists():
-        raise FileNotFoundError(
-            f"model folder {path!r} not found (looked in {candidate.resolve()} and {packaged}). Give a diffusers "
-            f"Flux folder (model_index.json + transformer/ vae/ text_encoder*/ tokenizer*/ scheduler/), build a "
-            f"tiny one with `leapalign build-tiny DIR`, or a hub id such as black-forest-labs/FLUX.1-dev"
-        )
-    return path
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
 
 
 class FluxPolicy:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from leapalign.methods import DIRECT_METHODS
 from leapalign.rewards.base import RewardError
-from leapalign.training import TrainingRun, mean_metrics, to_floats
+from leapalign.run import TrainingRun, mean_metrics, to_floats
 
 
 def train_direct(run: TrainingRun) -> None:
@@ -21,7 +21,7 @@ def train_direct(run: TrainingRun) -> None:
         run.begin_update()
         ok, reason, micro_metrics = True, None, []
         for micro in range(cfg.train.grad_accum):
-            prompts = run.sampler.next_batch()
+            prompts = run.prompt_order.next_batch()
             # Gradients cross ranks only in the last micro-batch's backward (DDP no_sync / FSDP2
             # set_requires_gradient_sync(False) before it): one all-reduce per optimizer step.
             with run.parallel.accumulate(sync=micro == cfg.train.grad_accum - 1):

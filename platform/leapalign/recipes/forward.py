@@ -36,8 +36,8 @@ from leapalign.methods.nft import nft_loss
 from leapalign.models.flux import FluxPolicy, PromptEmbeds
 from leapalign.recipes.grpo import chunks, ppo_work, reference_policy
 from leapalign.rewards.base import RewardError
+from leapalign.run import TrainingRun, mean_metrics, to_floats
 from leapalign.sampling import rollout
-from leapalign.training import TrainingRun, mean_metrics, to_floats
 
 
 @dataclass
@@ -177,7 +177,7 @@ def train_forward(run: TrainingRun) -> None:
     num_steps = len(run.sigmas) - 1
     for step in run.steps:
         run.begin_update()
-        prompts = run.sampler.next_batch()
+        prompts = run.prompt_order.next_batch()
         batch = len(prompts) * opts.group_size
         # 1-2. Plan (the global batch's, every rank alike) and the clean rollout (no graph).
         with run.timer.phase("rollout"):

@@ -40,7 +40,7 @@ from leapalign.methods.grpo import (
 )
 from leapalign.models.flux import FluxPolicy, PromptEmbeds
 from leapalign.rewards.base import RewardError
-from leapalign.training import TrainingRun, mean_metrics, to_floats
+from leapalign.run import TrainingRun, mean_metrics, to_floats
 
 
 @dataclass
@@ -235,7 +235,7 @@ def train_grpo(run: TrainingRun) -> None:
     num_steps = len(run.sigmas) - 1
     for step in run.steps:
         run.begin_update()
-        prompts = run.sampler.next_batch()
+        prompts = run.prompt_order.next_batch()
         batch = len(prompts) * opts.group_size
         # 1-2. Plan and rollout (no graph).
         with run.timer.phase("rollout"):

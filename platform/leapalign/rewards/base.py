@@ -88,16 +88,21 @@ def resolve_reward(name: str) -> Callable[..., RewardFn]:
     return factory
 
 
-def build_reward(name: str, options: dict[str, Any] | None = None) -> RewardFn:
-    """A reward by registry name or plugin path; its options are the factory's keyword arguments."""
-    factory = resolve_reward(name)
-    options = dict(options or {})
+def check_options(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """The options must fit the factory's keyword arguments (in process and on Ray Serve: one message)."""
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as err:
         raise ValueError(f"reward {name!r}: bad reward.options {options!r} ({err})") from None
     except ValueError:  # no signature to inspect (a builtin): let the call report it
         pass
+
+
+def build_reward(name: str, options: dict[str, Any] | None = None) -> RewardFn:
+    """A reward by registry name or plugin path; its options are the factory's keyword arguments."""
+    factory = resolve_reward(name)
+    options = dict(options or {})
+    check_options(name, factory, options)
     return factory(**options)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leapalign.data import PACKAGE_DIR
 from leapalign.rewards.base import RewardError
 from leapalign.rewards.checkpoints import (
     CheckpointError,
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 __all__ = ["ClipScore", "HPSv21", "LoadedClip", "PickScore", "load_clip", "preprocess_images"]
 
 # The scorer trained on the miniature world (python -m leapalign.world.scorer), shipped in the package.
-MINI_SCORER_DIR = Path(__file__).resolve().parents[1] / "assets" / "mini-scorer"
+MINI_SCORER_DIR = PACKAGE_DIR / "assets" / "mini-scorer"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 # PickScore's processor and HPSv2's tokenizer: open_clip's SimpleTokenizer is this byte-level BPE vocab.
 VIT_H_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -1,10 +1,13 @@
-"""The miniature world: coloured-shape scenes, their prompt sets and an exact GenEval-like evaluator.
+"""The miniature world: coloured-shape scenes (`scenes`), their prompt sets (`prompts`), the world's exact
+GenEval-like judge (`judge`), its learned scorer (`scorer`) and differentiable reward (`layout_reward`),
+the miniature model's pretraining (`pretrain`) and the before/after accuracy of a run (`evaluate`).
 
-Plain numpy and pyarrow code (no torch, ray or PIL), so CPU tests and the 32x32 miniature model can use
-it anywhere. See `scenes` for the palette and coordinate conventions.
+What this package exports (scenes, prompts, judge) is plain numpy and pyarrow code (no torch, ray or
+PIL), so CPU tests and the 32x32 miniature model can use it anywhere. See `scenes` for the palette and
+coordinate conventions.
 """
 
-from leapalign.world.evaluator import (
+from leapalign.world.judge import (
     DetectedObject,
     detect_objects,
     evaluate_batch,

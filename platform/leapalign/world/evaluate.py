@@ -18,7 +18,7 @@ from leapalign.evaluation import load_eval_prompts, load_policy, noise_set, samp
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
 from leapalign.models.flux import FluxPolicy
-from leapalign.world.evaluator import evaluate_batch
+from leapalign.world.judge import evaluate_batch
 from leapalign.world.scenes import parse_caption
 
 

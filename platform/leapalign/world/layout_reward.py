@@ -1,7 +1,7 @@
 """`world_layout`: a differentiable, soft version of the world's exact evaluator, with a layout signal.
 
 Flow-GRPO trains on GenEval's rule-based verdict, which only needs values. LeapAlign back-propagates
-the reward into the pixels, so every step of `evaluator.py` is replaced here by a smooth counterpart.
+the reward into the pixels, so every step of `judge.py` is replaced here by a smooth counterpart.
 
 1. Colour (evaluator: the nearest palette colour within `COLOR_MATCH_THRESHOLD`, else "unknown"). Per
    pixel, a softmax over the six palette colours, the background and an unknown class, with logits
@@ -88,7 +88,7 @@ from torch import Tensor
 
 from leapalign.rewards.base import register_reward
 from leapalign.rewards.clip_score import MINI_SCORER_DIR, check_images
-from leapalign.world.evaluator import COLOR_MATCH_THRESHOLD, MIN_SHAPE_IOU, POSITION_THRESHOLD
+from leapalign.world.judge import COLOR_MATCH_THRESHOLD, MIN_SHAPE_IOU, POSITION_THRESHOLD
 from leapalign.world.scenes import (
     BACKGROUND_RGB,
     COLORS,

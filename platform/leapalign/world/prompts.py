@@ -181,28 +181,6 @@ def build_validation_set(
     return table.replace_schema_metadata(metadata)
 
 
-TEST_SPLITS = ("eval", "test")  # splits a search must never select on
-
-
-def prompt_split(path: str | os.PathLike[str]) -> str | None:
-    """The split a world prompt file declares in its Parquet metadata ("train", "validation", "eval"); the
-    path as given or relative to the installed package (shipped assets), like every prompt path."""
-    from leapalign.data import resolve_data_path
-
-    try:
-        source = resolve_data_path(str(path))
-    except FileNotFoundError:
-        return None
-    if source.suffix.lower() != ".parquet" or not source.is_file():
-        return None
-    try:
-        metadata = pq.read_schema(source).metadata or {}
-    except (pa.ArrowException, OSError):
-        return None
-    value = metadata.get(b"split")
-    return value.decode() if value else None
-
-
 def write_prompts(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write ``table`` to Parquet atomically: a temp file in the same directory, then ``os.replace``.
 

@@ -5,7 +5,7 @@ an object detector and hours of GPU time. The miniature world keeps the same *st
 captions, a rule-based correctness check) but every image is exactly described by a `Scene`, so a
 small model trained at 32x32 can be evaluated exactly and in milliseconds.
 
-Conventions (shared with `evaluator.py`):
+Conventions (shared with `judge.py`):
 
 * Coordinates are normalised to [0, 1]; x grows to the right, y grows DOWNWARDS (image rows), so
   "above" means a smaller ``cy``. ``cx, cy`` is the centre of the object's bounding square and

@@ -1,6 +1,6 @@
 """Train the miniature world's learned prompt-image scorer: a tiny CLIPModel, the PickScore/HPS analogue.
 
-The exact evaluator (`evaluator.py`) is the GenEval analogue: rule-based, not differentiable. The
+The exact evaluator (`judge.py`) is the GenEval analogue: rule-based, not differentiable. The
 direct-gradient methods need a *learned, differentiable* reward instead, as PickScore/HPS are for Flux.
 This module trains one: a real `transformers.CLIPModel` (ViT over 4 px patches of 32 px images, a
 causal text transformer over the world's caption words) on generated data, and saves it as an HF
@@ -49,6 +49,9 @@ degraded and clean renders. The scores come from `ClipScore` loading the saved f
 figures describe what ships. Launch:
 
     python -m leapalign.world.scorer --out platform/leapalign/assets/mini-scorer
+
+Why one file over 500 lines: a self-contained training script (data, model, loss, loop, its own
+evaluation) for a shipped asset; nothing on the training path imports it.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leapalign.world.evaluator import DetectedObject, relative_position
+from leapalign.world.judge import DetectedObject, relative_position
 from leapalign.world.prompts import (
     HELD_OUT_PAIRS,
     PromptRecord,

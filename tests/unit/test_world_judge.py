@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from leapalign.world.evaluator import (
+from leapalign.world.judge import (
     DetectedObject,
     detect_objects,
     evaluate_batch,

@@ -1,4 +1,5 @@
-"""Exact, rule-based evaluator for miniature-world images: the GenEval analogue (evaluation only).
+"""The world's judge: an exact, rule-based evaluator of miniature-world images, the GenEval analogue
+(evaluation only; leapalign.evaluation samples the images it judges).
 
 GenEval detects objects with a Mask2Former detector and checks each prompt category with fixed
 rules. Here detection is exact instead of learned, because the world's palette is known:

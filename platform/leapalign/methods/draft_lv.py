@@ -1,14 +1,9 @@
-"""DRaFT-LV (Clark et al. 2024) and full backpropagation through the sampler (DRaFT / AlignProp).
+"""DRaFT-LV (Clark et al. 2024), as the LeapAlign paper defines it for flow models.
 
-DRaFT-LV, as the LeapAlign paper defines it for flow models: only the last step keeps a graph. Roll
-out to x_{N-1} without one, take the last step with a graph (for Euler with sigma_N = 0 the last step
-is the leap x_0 = x_{N-1} - sigma_{N-1} v), then n more times re-noise sg(x_0) to sigma_{N-1} with
-fresh noise and take the last step again; the reward gradients of the n + 1 images are summed (lower
-variance at the cost of n more forward + backward passes on one step).
-
-Full backprop keeps the graph of every step: activation memory grows linearly with the number of
-steps (gradient checkpointing inside the transformer trades that memory for recomputation). It is
-the cost reference of the benchmarks.
+Only the last step keeps a graph. Roll out to x_{N-1} without one, take the last step with a graph (for
+Euler with sigma_N = 0 the last step is the leap x_0 = x_{N-1} - sigma_{N-1} v), then n more times
+re-noise sg(x_0) to sigma_{N-1} with fresh noise and take the last step again; the reward gradients of the
+n + 1 images are summed (lower variance at the cost of n more forward + backward passes on one step).
 """
 
 from __future__ import annotations
@@ -19,38 +14,16 @@ from torch import Tensor
 from leapalign.config import Config
 from leapalign.methods.common import (
     StepRandomness,
+    backward_cost,
     decode_and_score,
+    direct_update_nfe,
     hinge_loss,
     prepare_batch,
     reward_metrics,
 )
 from leapalign.models.flux import FluxPolicy
 from leapalign.rewards.base import RewardFn
-from leapalign.sampling import VelocityFn, euler_step, rollout
-
-
-def full_backprop_rollout(velocity_fn: VelocityFn, latents: Tensor, sigmas: Tensor) -> Tensor:
-    """x_0 [B, S, C] with a graph through all N model calls."""
-    x = latents.detach()
-    with torch.enable_grad():
-        for i in range(len(sigmas) - 1):
-            x = euler_step(x, velocity_fn(x, sigmas[i]), sigmas[i], sigmas[i + 1])
-    return x
-
-
-def full_backprop_loss(
-    policy: FluxPolicy,
-    prompts: list[str],
-    reward_fn: RewardFn,
-    cfg: Config,
-    sigmas: Tensor,
-    rng: StepRandomness,
-) -> tuple[Tensor, dict[str, float | Tensor]]:
-    batch = prepare_batch(policy, prompts, cfg, rng)
-    x0 = full_backprop_rollout(batch.velocity, batch.latents, sigmas)
-    rewards = decode_and_score(policy, x0, prompts, reward_fn, cfg)
-    loss = hinge_loss(rewards, None, cfg.method.full_backprop.hinge)
-    return loss, {"loss": loss.detach(), **reward_metrics(rewards)}
+from leapalign.sampling import VelocityFn, rollout
 
 
 def last_step_with_grad(velocity_fn: VelocityFn, x_last: Tensor, sigma_last: Tensor) -> Tensor:
@@ -85,3 +58,11 @@ def draft_lv_loss(
         )
         loss = loss + hinge_loss(extra, None, opts.hinge)  # the reward gradients are summed
     return loss, {"loss": loss.detach(), **reward_metrics(rewards)}
+
+
+def update_nfe_range(cfg: Config) -> tuple[int, int]:
+    """Forward-equivalents of one update: N - 1 rollout forwards, then the last step with a graph n + 1
+    times (a forward and a backward each)."""
+    n, repeats = cfg.sampler.num_steps, cfg.method.draft_lv.extra_samples + 1
+    per_image = (n - 1) + repeats * (1 + backward_cost(cfg))
+    return direct_update_nfe(cfg, per_image, per_image)

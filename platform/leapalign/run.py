@@ -1,30 +1,27 @@
-"""What every training recipe needs, whatever the method: the pieces the recipes are built from.
+"""`TrainingRun`: the state every training recipe shares, whatever the method.
 
-    setup_policy       load Flux (diffusers) and make the transformer trainable (LoRA or every weight)
-    LocalContext       one process; TorchDistContext: the same over torch.distributed (Ray Train workers)
-    EMA, PromptSampler the EMA copy and the shuffled prompt order (both part of a checkpoint)
-    TrainingRun        optimizer, random streams, compute meter, evaluator, logging, grids, checkpoints:
-                       `apply_gradients` (clip, step, EMA; gradients already reduced by DDP / FSDP2,
-                       leapalign.parallel), `end_step` (log, evaluate, checkpoint), `finish` (weights, grids)
+    TrainingRun        the policy (leapalign.finetune), optimizer, EMA, random streams, compute meter,
+                       evaluator, logging, grids, checkpoints: `apply_gradients` (clip, step, EMA; gradients
+                       already reduced by DDP / FSDP2, leapalign.parallel), `end_step` (log, evaluate,
+                       checkpoint), `finish` (weights, grids)
+    StepEnd            what a step hook hears after every update (local checkpoints, Ray's reports)
 
 Random streams are global: every rank holds the same prompt order and noise streams and draws for the
 global batch, keeping its slice (methods.common.StepRandomness), so N workers with batch B compute what
 one worker with batch N x B computes.
 
-A recipe (leapalign.recipes.direct for the direct-gradient methods, leapalign.recipes.grpo for GRPO)
-is the visible loop that uses them. Ray, when used, only passes a distributed context and a
+A recipe (leapalign.recipes: direct for the direct-gradient methods, grpo for GRPO, forward for DiffusionNFT
+and AWM) is the visible loop that uses it; `leapalign.train.train` builds it and picks the recipe. What the
+run writes on disk is leapalign.run_folder. Ray, when used, only passes a distributed context and a
 checkpoint hook (leapalign.distributed).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,337 +30,40 @@ import torch
 from torch import Tensor
 
 from leapalign.compute import ComputeMeter, PhaseTimer
-from leapalign.config import Config, FinetuneConfig, compile_enabled, flatten_config, save_config
+from leapalign.config import Config, flatten_config, save_config
 from leapalign.costs import measure_unit_costs
 from leapalign.data import load_prompts
+from leapalign.finetune import EMA, setup_policy
 from leapalign.images import make_grid, save_grid
 from leapalign.io import atomic_path
-from leapalign.logs import RUN_LOG, STEP_LOG
+from leapalign.logs import STEP_LOG
+from leapalign.methods import METHODS
 from leapalign.methods.common import StepRandomness
-from leapalign.models.flux import FluxPolicy
 from leapalign.numerics import use_cpu_isa
-from leapalign.parallel import Parallel, is_dcp_checkpoint, load_state, resolve_strategy, save_state
+from leapalign.parallel import (
+    LocalContext,
+    Parallel,
+    is_dcp_checkpoint,
+    load_state,
+    resolve_strategy,
+    save_state,
+)
 from leapalign.progress import ProgressScale, make_bar, show_step
 from leapalign.rewards.base import RewardFn
-from leapalign.streams import stream, stream_seed
-from leapalign.tracking import RUN_RECORD, NullTracker, Tracker
+from leapalign.run_folder import (
+    HELDOUT_DIR,
+    LocalCheckpoints,
+    StepEnd,
+    StepHook,
+    append_jsonl,
+    save_trained_weights,
+    save_transformer_state,
+    trim_metrics_log,
+)
+from leapalign.streams import PromptOrder, stream, stream_seed
+from leapalign.tracking import NullTracker, Tracker
 
 log = logging.getLogger("leapalign")
-
-CHECKPOINT_DIR = "checkpoints"  # local runs: OUTPUT/checkpoints/step_000050.pt
-HELDOUT_DIR = "heldout"  # OUTPUT/heldout/step_000050.parquet: each held-out image's results at that step
-# What a run folder holds; train.overwrite=true removes exactly these (never anything else in the folder).
-WEIGHT_COPIES = {"nft": "the old policy", "awm": "the EMA policy (KL target)"}  # TrainingRun.policy_copy
-RUN_FILES = (
-    "config.yaml", "metrics.jsonl", RUN_RECORD, CHECKPOINT_DIR, "lora", "lora_ema", "transformer",
-    "transformer_ema", "samples_before.png", "samples_after.png", "eval.json", "eval_before_after.png",
-    RUN_LOG, HELDOUT_DIR,
-)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- distributed context
-
-
-class LocalContext:
-    """One process. Ray Train workers use TorchDistContext (same methods over torch.distributed)."""
-
-    rank = 0
-    world_size = 1
-    has_process_group = False  # DDP / FSDP2 need one (Ray Train workers, or torch.distributed set up)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Every rank's metrics averaged (the global batch's mean: ranks hold equal shares)."""
-        return metrics
-
-    def all_true(self, flag: bool) -> bool:
-        return flag
-
-    def sum_counts(self, values: list[int]) -> list[int]:
-        """Integer counts summed over ranks, in one collective."""
-        return [int(v) for v in values]
-
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        """[n, ...] from every rank -> [world_size * n, ...] in rank order."""
-        return tensor
-
-
-class TorchDistContext(LocalContext):
-    """Data parallel over an initialised torch.distributed process group (gloo on CPU, NCCL on GPU)."""
-
-    has_process_group = True
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self._dist = dist
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-
-    def all_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.world_size == 1:
-            return metrics
-        keys = sorted(metrics)  # every rank logs the same keys (same method, same skip decision)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        self._dist.all_reduce(values)  # one collective for all metrics
-        return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
-
-    def all_true(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0])
-        self._dist.all_reduce(value, op=self._dist.ReduceOp.MIN)
-        return bool(value.item() > 0)
-
-    def sum_counts(self, values: list[int]) -> list[int]:
-        totals = torch.tensor(values, dtype=torch.int64)
-        self._dist.all_reduce(totals)
-        return totals.tolist()
-
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self._dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-
-# ----------------------------------------------------------------------------- model setup
-
-
-def setup_policy(cfg: Config, device: str | None = None) -> FluxPolicy:
-    """Load the Flux folder and make the transformer trainable (LoRA adapter or every weight)."""
-    device_obj = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mixed = cfg.finetune.mixed_precision
-    autocast = device_obj.type == "cuda" if mixed == "auto" else mixed == "bf16"
-    policy = FluxPolicy.from_pretrained(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        device=device_obj,
-        revision=cfg.model.revision,
-        autocast=autocast,
-        text_cache=cfg.model.text_cache,
-    )
-    policy.check_resolution(cfg.sampler.height, cfg.sampler.width)
-    apply_finetune(policy.transformer, cfg.finetune)
-    if compile_enabled(cfg.sampler.compile, device_obj.type, cfg.train.cpu_isa):
-        policy.compile_no_grad_calls()
-    return policy
-
-
-def apply_finetune(transformer: torch.nn.Module, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
-    """LoRA via peft or full fine-tuning; trainable weights kept in fp32 (master weights)."""
-    transformer.requires_grad_(False)
-    if cfg.mode == "lora":
-        from peft import LoraConfig
-
-        transformer.add_adapter(
-            LoraConfig(
-                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules)
-            )
-        )
-    else:
-        transformer.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    params = trainable_parameters(transformer)
-    if not params:
-        raise ValueError(
-            f"finetune: nothing to train; no module matches lora_target_modules={cfg.lora_target_modules}"
-        )
-    for p in params:
-        p.data = p.data.float()
-    transformer.train()
-    return params
-
-
-def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-# ----------------------------------------------------------------------------- EMA and prompt order
-
-
-class EMA:
-    """Exponential moving average of the trained weights (fp32); evaluate with `swapped()`."""
-
-    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float):
-        self.params = list(params)
-        self.decay = decay
-        self.shadow = [p.detach().float().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, decay: float | None = None) -> None:
-        """shadow <- d shadow + (1 - d) weights, d = `decay` (a scheduled one) or the fixed self.decay."""
-        decay = self.decay if decay is None else decay
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach().float(), 1.0 - decay)
-
-    @contextmanager
-    def swapped(self):
-        """Inside: the model holds the EMA weights; afterwards the trained ones again."""
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow, strict=True):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved, strict=True):
-                    p.copy_(s)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params, strict=True)]
-
-
-class PromptSampler:
-    """Shuffled passes over the prompt list; its state is part of a checkpoint.
-
-    Global: every rank draws the global batch (world_size x batch_size prompts, the same on every rank)
-    and keeps its slice, so the order does not depend on the number of workers.
-    """
-
-    def __init__(self, prompts: list[str], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.prompts = prompts
-        self.batch_size = batch_size
-        self.rank, self.world_size = rank, world_size
-        self.generator = stream(seed, "prompts")
-        self.order: list[int] = []
-
-    def next_batch(self) -> list[str]:
-        batch = []
-        for _ in range(self.batch_size * self.world_size):
-            if not self.order:
-                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-            batch.append(self.prompts[self.order.pop()])
-        return batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "order": list(self.order)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.order = list(state["order"])
-
-
-# ----------------------------------------------------------------------------- run folders
-
-
-def check_run_inputs(cfg: Config) -> None:
-    """What a run would otherwise fail on after minutes: the model folder, the prompt files, the reward.
-
-    Reads, never writes. A reward served by a named application (reward.app) is checked where it is found.
-    """
-    from leapalign.models.flux import resolve_model_path
-    from leapalign.rewards.base import build_reward
-
-    resolve_model_path(cfg.model.path)
-    load_prompts(cfg.train.prompts)
-    if cfg.eval.prompts:
-        load_prompts(cfg.eval.prompts)
-    if not cfg.reward.app:
-        build_reward(cfg.reward.name, cfg.reward.options)
-
-
-def check_output_dir(cfg: Config) -> None:
-    """A new run never silently replaces an old one: refuse unless resuming or train.overwrite=true."""
-    out_dir = Path(cfg.train.output_dir)
-    if cfg.train.resume or cfg.train.overwrite or not out_dir.is_dir():
-        return
-    found = sorted(name for name in RUN_FILES if (out_dir / name).exists())
-    if found:
-        raise FileExistsError(
-            f"train.output_dir={out_dir} already holds a run ({', '.join(found[:4])}); continue it with "
-            f"train.resume=true, replace it with train.overwrite=true, or choose another train.output_dir"
-        )
-
-
-def clear_output_dir(cfg: Config) -> None:
-    """train.overwrite=true: remove the previous run's files (only RUN_FILES; nothing else in the folder)."""
-    out_dir = Path(cfg.train.output_dir)
-    for name in RUN_FILES:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def latest_local_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))
-    return found[-1] if found else None
-
-
-class LocalCheckpoints:
-    """The checkpoint hook of a run without Ray: OUTPUT/checkpoints/step_<n>.pt, newest `keep` kept."""
-
-    def __init__(self, out_dir: Path, every: int, keep: int):
-        self.folder, self.every, self.keep = out_dir / CHECKPOINT_DIR, every, keep
-
-    def __call__(self, end: StepEnd) -> None:
-        if end.step % self.every and not end.final:
-            return
-        end.save(self.folder / f"step_{end.step:06d}.pt")
-        for old in sorted(self.folder.glob("step_*.pt"))[: -self.keep]:
-            old.unlink()
-
-
-def trim_metrics_log(path: Path, through_step: int) -> None:
-    """Drop metrics.jsonl lines after a checkpoint's step: those steps run again and get appended."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= through_step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines))
-
-
-def save_trained_weights(policy: FluxPolicy, cfg: Config, out_dir: Path) -> Path:
-    """LoRA in the diffusers format (FluxPipeline.load_lora_weights) or a transformer folder."""
-    if cfg.finetune.mode == "lora":
-        from diffusers import FluxPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy.transformer))
-        # The adapter config travels with the weights: without it a loader assumes lora_alpha = rank.
-        metadata = policy.transformer.peft_config["default"].to_dict()
-        FluxPipeline.save_lora_weights(
-            str(out_dir), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
-        )
-    else:
-        policy.transformer.save_pretrained(str(out_dir))
-    return out_dir
-
-
-def save_transformer_state(transformer: torch.nn.Module, state: dict[str, Tensor], out_dir: Path) -> Path:
-    """A transformer folder as `save_pretrained` writes it (config.json + safetensors shards, 10 GB each)
-    from a gathered full state dict: what FluxTransformer2DModel.from_pretrained loads."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(transformer.config)
-    # fully_shard swaps the class for a subclass named FSDP<name>; the folder names the model's own class.
-    cls = next(c for c in type(transformer).__mro__ if not c.__name__.startswith("FSDP"))
-    config = {"_class_name": cls.__name__, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    split = split_torch_state_dict_into_shards(
-        state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
-    )
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n].contiguous() for n in names}, out_dir / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (out_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return out_dir
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def to_floats(metrics: dict[str, float | Tensor]) -> dict[str, float]:
@@ -394,22 +94,6 @@ def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
 
 
 @dataclass
-class StepEnd:
-    """What a step hook hears after every update, on every rank (the same step, final and evaluated
-    everywhere: Ray's hook turns them into collective reports)."""
-
-    step: int  # updates done (1-based)
-    metrics: dict[str, float]  # the step's metrics (means over ranks; held-out ones where evaluated)
-    save: Callable[[Path], None]  # writes this rank's checkpoint to a path
-    final: bool  # the run's last step (iterations, compute budget or Ctrl-C)
-    evaluated: bool  # held-out evaluation ran at this step
-
-
-# on_step_end(StepEnd): Ray's hook reports metrics and checkpoints to Ray; local runs use LocalCheckpoints.
-StepHook = Callable[[StepEnd], None]
-
-
-@dataclass
 class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per update
     output_dir: Path | None = None
@@ -423,15 +107,21 @@ class TrainingRun:
         self,
         cfg: Config,
         *,
-        reward_fn: RewardFn,
-        tracker: Tracker,
-        dist: LocalContext,
-        device: str | None,
-        on_step_end: StepHook | None,
-        progress: bool,
+        reward_fn: RewardFn | None = None,
+        tracker: Tracker | None = None,
+        dist: LocalContext | None = None,
+        device: str | None = None,
+        on_step_end: StepHook | None = None,
+        progress: bool = True,
     ):
+        """reward_fn: built from cfg.reward when None (checked; gradients as when served); tracker: none;
+        dist: one process; device: cuda when there is one; on_step_end: local checkpoints."""
         from leapalign.evaluation import EvalSchedule, HeldOutEvaluator
+        from leapalign.rewards.configured import build_configured_reward
 
+        reward_fn = reward_fn or build_configured_reward(cfg.reward)
+        tracker = tracker or NullTracker()
+        dist = dist or LocalContext()
         self.cfg, self.reward_fn, self.tracker, self.dist = cfg, reward_fn, tracker, dist
         self.out_dir = Path(cfg.train.output_dir)
         prompts = load_prompts(cfg.train.prompts)
@@ -469,9 +159,9 @@ class TrainingRun:
         # A method's own copy of the trained weights, beside the EMA and checkpointed with the run: DiffusionNFT's
         # old policy (it samples the rollouts), AWM's EMA policy (its KL target). Both start as the initial
         # weights; the recipe moves them with its scheduled decay (swap it in with `policy_copy.swapped()`).
-        self.policy_copy = EMA(self.params, 0.0) if cfg.method.name in WEIGHT_COPIES else None
+        self.policy_copy = EMA(self.params, 0.0) if METHODS[cfg.method.name].weight_copy else None
         # Global streams: the same seed on every rank, draws for the global batch, each rank its slice.
-        self.sampler = PromptSampler(
+        self.prompt_order = PromptOrder(
             prompts, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size
         )
         self.rng = StepRandomness.seeded(cfg.train.seed, dist.rank, dist.world_size)
@@ -501,7 +191,6 @@ class TrainingRun:
         self.wall_before = 0.0  # wall seconds of the run before this process (a resumed run's earlier part)
         self.wall_start = time.perf_counter()
         self.result = TrainResult(output_dir=self.out_dir, run_id=getattr(tracker, "run_id", None))
-        self.extra_state: dict[str, Any] = {}  # a recipe's own state to checkpoint (e.g. GRPO's nothing yet)
         self.stop_requested = False  # set by a Ctrl-C in a local run (train.finish_step_on_interrupt)
         self.stopped_at_step = 0
 
@@ -522,14 +211,13 @@ class TrainingRun:
         train_state.pt."""
         return {
             "step": step,
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.prompt_order.state_dict(),  # the key older checkpoints carry
             "randomness": self.rng.state_dict(),
             "nfe_total": self.nfe_total,
             "flops_total": self.flops_total,
             "time_total": self.time_total,
             "wall_total": self.wall_seconds(),
             "eval_nfe_mark": self.eval_schedule.last_nfe_mark if self.eval_schedule else 0,
-            "extra": self.extra_state,
             "world_size": self.dist.world_size,
             "global_batch": self.cfg.train.batch_size * self.dist.world_size,
         }
@@ -575,7 +263,7 @@ class TrainingRun:
                 self.ema.load_state_dict(state["ema"])
             if self.policy_copy is not None and state.get("policy_copy") is not None:
                 self.policy_copy.load_state_dict(state["policy_copy"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.prompt_order.load_state_dict(state["sampler"])
         self.rng.load_state_dict(state["randomness"])
         self.start_step = int(state["step"])
         self.nfe_total = int(state["nfe_total"])
@@ -584,7 +272,6 @@ class TrainingRun:
         self.wall_before = float(state.get("wall_total", self.time_total))
         if self.eval_schedule is not None:
             self.eval_schedule.last_nfe_mark = int(state["eval_nfe_mark"])
-        self.extra_state = dict(state["extra"])
         log.info("resumed from %s at step %d", path, self.start_step)
 
     # ------------------------------------------------------------------ start
@@ -797,26 +484,3 @@ class TrainingRun:
         tracker.log_artifact(out_dir / "samples_after.png", "samples")
         tracker.log_artifact(out_dir / "metrics.jsonl")
         return self.result
-
-
-def make_run(
-    cfg: Config,
-    *,
-    reward_fn: RewardFn | None = None,
-    tracker: Tracker | None = None,
-    dist: LocalContext | None = None,
-    on_step_end: StepHook | None = None,
-    device: str | None = None,
-    progress: bool = True,
-) -> TrainingRun:
-    from leapalign.rewards.configured import build_configured_reward
-
-    return TrainingRun(
-        cfg,
-        reward_fn=reward_fn or build_configured_reward(cfg.reward),  # checked; gradients as when served
-        tracker=tracker or NullTracker(),
-        dist=dist or LocalContext(),
-        device=device,
-        on_step_end=on_step_end,
-        progress=progress,
-    )
