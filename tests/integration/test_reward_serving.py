@@ -212,11 +212,11 @@ def test_killed_replica_is_replaced_and_training_continues_on_two_replicas(
     serving_cluster, tiny_flux_dir, tmp_path
 ):
     """The real training loop on the tiny Flux, its reward served by two replicas; the replica holding a
-    request (a 1.5 s batch window keeps it there) is killed: Serve replaces it, the request is sent again,
+    request (a 3 s batch window keeps it there, long enough for the kill on a loaded machine) is killed: Serve replaces it, the request is sent again,
     every step is applied, and two replicas served the run (the killed one held one of its requests)."""
     from leapalign.train import train
 
-    cfg = ensure_reward_service(reward_cfg(**{"reward.replicas": 2, "reward.batch_wait_ms": 1500}))
+    cfg = ensure_reward_service(reward_cfg(**{"reward.replicas": 2, "reward.batch_wait_ms": 3000}))
     app = cfg.reward.app
     try:
         assert len(replica_actors(app)) == 2, f"two replicas of {app}"
