@@ -7,8 +7,9 @@ export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 
 # AVX2 kernels on every x86-64 CPU (train.cpu_isa=avx2, platform/leapalign/numerics.py): the pinned numbers hold
 # on AVX2 and AVX-512 machines alike.
 export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2
-# Idle OpenMP threads sleep instead of spinning: test processes, Ray workers and replicas share 2 cores
-# (leapalign/numerics.py THREAD_ENV; timing only).
+# Idle OpenMP threads sleep instead of spinning: test processes, Ray workers and replicas share 2 cores, a
+# loaded machine, where spinning threads take the cores others need (bench/README.md; timing only; passed on
+# to Ray workers and replicas, leapalign/numerics.py THREAD_KEYS).
 export OMP_WAIT_POLICY=PASSIVE
 # Ray Train notices a dead worker within 0.2 s instead of seconds (the fault-injection tests wait on it).
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2

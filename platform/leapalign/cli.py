@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 
 from leapalign.io import atomic_path
 from leapalign.logs import quiet_libraries
-from leapalign.numerics import thread_env, use_cpu_isa
+from leapalign.numerics import use_cpu_isa
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -374,7 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.update(thread_env())  # before torch loads OpenMP (leapalign.numerics.THREAD_ENV)
     parser = build_parser()
     # key=value overrides may come before or after the options (argparse alone stops at the first option).
     args, extra = parser.parse_known_args(argv)

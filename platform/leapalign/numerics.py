@@ -24,13 +24,12 @@ from __future__ import annotations
 import os
 import sys
 
-# How idle OpenMP threads wait, for every process a run starts (Ray workers and reward replicas through their
-# runtime_env, the CLI's own process before torch loads). GNU OpenMP's default spins after each parallel
-# region; where busy threads outnumber cores (a Ray worker beside a reward replica, two trials on 2 cores)
-# the spinning threads take the cores the others need. Measured on 2 cores (bench/README.md): the quickstart
-# on the Ray path 5.3 -> 1.5 s per update under load, matmuls in a Ray actor 3.5-5.1 -> 1.0 s. Timing only:
-# the numbers do not change. A value already in the environment wins.
-THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# OpenMP's thread settings, passed on from this process's environment to every process a run starts (Ray
+# workers and reward replicas through their runtime_env: a remote cluster does not inherit the driver's
+# environment). Nothing is forced: measured on 2 cores (bench/README.md), OMP_WAIT_POLICY=PASSIVE cut a Ray
+# worker's quickstart update from 5.3 to 1.5 s on a loaded machine but doubled it on a quiet one (0.28 -> 0.63 s
+# in one process, 0.37 -> 0.66 s on the Ray path). Timing only: the numbers do not change.
+THREAD_KEYS = ("OMP_WAIT_POLICY",)
 CPU_ISAS = ("native", "avx2")
 ISA_ENV = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -46,8 +45,8 @@ def cpu_isa_env(isa: str) -> dict[str, str]:
 
 
 def thread_env() -> dict[str, str]:
-    """THREAD_ENV, with any value this process's environment already sets."""
-    return {key: os.environ.get(key, value) for key, value in THREAD_ENV.items()}
+    """The THREAD_KEYS this process's environment sets."""
+    return {key: os.environ[key] for key in THREAD_KEYS if key in os.environ}
 
 
 def process_env(isa: str) -> dict[str, str]:

@@ -280,7 +280,7 @@ class RunStorage:
 
 def worker_env(cfg: Config, extra: dict[str, str]) -> dict[str, Any]:
     """The workers' runtime_env: train.cpu_isa's kernel pins (read when a worker's libraries start), the
-    OpenMP thread settings (leapalign.numerics.THREAD_ENV) and the fault-injection variables."""
+    driver's OpenMP thread settings (leapalign.numerics.THREAD_KEYS) and the fault-injection variables."""
     return {"env_vars": {**process_env(cfg.train.cpu_isa), **extra}}
 
 

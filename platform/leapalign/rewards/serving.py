@@ -76,10 +76,12 @@ def serving_plan(reward_cfg: RewardConfig, cpu_isa: str = "native") -> list[Serv
 
     cpu_isa (train.cpu_isa): the replicas' kernels are pinned like the workers' (their runtime_env), so a
     served reward gives the same numbers on every CPU; it is part of the spec, hence of the app's name. The
-    replicas' OpenMP threads wait as the workers' do (leapalign.numerics.THREAD_ENV)."""
+    replicas get the driver's OpenMP thread settings, as the workers do (leapalign.numerics.THREAD_KEYS)."""
     pins = process_env(cpu_isa)
 
     def pinned(spec: ServingSpec) -> ServingSpec:
+        if not pins:
+            return spec
         runtime_env = dict(spec.runtime_env)
         runtime_env["env_vars"] = {**pins, **runtime_env.get("env_vars", {})}
         return replace(spec, runtime_env=runtime_env)
