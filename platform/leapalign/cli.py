@@ -53,7 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from leapalign.evaluation import is_world_prompt_set, load_eval_prompts
 
         if is_world_prompt_set(load_eval_prompts(cfg.eval.prompts, cfg.eval.num_prompts)):
-            before = _in_background(_evaluate, cfg, None, False) if cfg.ray.enabled else _done(_evaluate(cfg))
+            before = _in_background(_evaluate, cfg, None, not cfg.ray.enabled)
+            if not cfg.ray.enabled:
+                before.result()  # in one process the evaluation and the training would share the cores
     run_id, output_dir = train_on_ray(cfg) if cfg.ray.enabled else train_locally(cfg)
     if before is not None:
         _report_evaluation(cfg, before.result(), output_dir, run_id)
@@ -65,12 +67,6 @@ def _in_background(fn, *args) -> Future:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leapalign-eval")
     future = executor.submit(fn, *args)
     executor.shutdown(wait=False)
-    return future
-
-
-def _done(value) -> Future:
-    future: Future = Future()
-    future.set_result(value)
     return future
 
 
