@@ -227,6 +227,20 @@ class Parallel:
 # ----------------------------------------------------------------------------- DCP checkpoints
 
 
+def single_rank() -> bool:
+    """True without a process group or with one rank: DCP then skips its collectives (no_dist).
+
+    They cost more than their time on CPU: DCP gathers its save plans with gloo, whose worker threads run
+    the copies as OpenMP parallel regions, so each becomes a second OpenMP team; with more OpenMP threads
+    than cores, GNU OpenMP stops spinning between regions for good, and every later update of a 1-worker
+    Ray run took 1.7x as long (quickstart, 2 cores: 0.37 -> 0.62 s after the first checkpoint; with
+    no_dist: unchanged). bench/README.md, "platform overhead".
+    """
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_world_size() == 1
+
+
 def save_state(
     folder: Path,
     model: torch.nn.Module,
@@ -254,7 +268,7 @@ def save_state(
         state["ema"] = ema_shadow
     if copy_shadow is not None:  # a method's weight copy (DiffusionNFT's old policy, AWM's EMA policy)
         state["policy_copy"] = copy_shadow
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=single_rank())
     if is_main:
         torch.save(train_state, folder / TRAIN_STATE_FILE)
 
@@ -280,7 +294,8 @@ def load_state(
         state["ema"] = ema_shadow
     if copy_shadow is not None:
         state["policy_copy"] = copy_shadow
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))  # raises on a trained key it lacks
+    # Raises on a trained key the checkpoint lacks.
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=single_rank())
     # strict=False: the frozen weights (LoRA's base model) are not in the checkpoint and stay as loaded.
     set_state_dict(
         model,
