@@ -230,11 +230,11 @@ class Parallel:
 def single_rank() -> bool:
     """True without a process group or with one rank: DCP then skips its collectives (no_dist).
 
-    They cost more than their time on CPU: DCP gathers its save plans with gloo, whose worker threads run
-    the copies as OpenMP parallel regions, so each becomes a second OpenMP team; with more OpenMP threads
-    than cores, GNU OpenMP stops spinning between regions for good, and every later update of a 1-worker
-    Ray run took 1.7x as long (quickstart, 2 cores: 0.37 -> 0.62 s after the first checkpoint; with
-    no_dist: unchanged). bench/README.md, "platform overhead".
+    With one rank they gather nothing, yet they cost: on the quickstart's 1-worker Ray run (2 cores) every
+    update after the first checkpoint took 1.7x as long, 0.37 -> 0.62 s, in 2 of 2 runs, and stayed at
+    0.37 s with no_dist (2 of 2; bench/README.md, "platform overhead"). The same slowdown after a save over
+    a 1-rank gloo group in one process showed in 2 of 5 runs; what the collectives leave behind (gloo's
+    threads and the OpenMP thread pool are the suspects) is not pinned down.
     """
     import torch.distributed as dist
 
