@@ -1,4 +1,6 @@
-"""A one-rank DCP's collectives slowed every later update of a 1-worker Ray run by 1.7x on 2 cores (leapalign/parallel.py
+"""A one-rank DCP checkpoint (a 1-worker Ray run) runs no collective and round-trips exactly.
+
+DCP's collectives slowed every later update of a 1-worker Ray run by 1.7x on 2 cores (leapalign/parallel.py
 single_rank); with one rank they are skipped (no_dist).
 """
 
