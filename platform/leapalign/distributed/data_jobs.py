@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,12 @@ from tqdm.auto import tqdm
 
 from leapalign.config import Config, with_overrides
 from leapalign.distributed.ray_train import absolute_paths, connect_ray
-from leapalign.distributed.reward_service import _app_status, ensure_reward_service, make_reward_fn
+from leapalign.distributed.reward_service import (
+    _app_status,
+    ensure_reward_service,
+    make_reward_fn,
+    reward_service_resources,
+)
 from leapalign.numerics import process_env
 from leapalign.text_cache import CachePlan, encode_shard, finish_text_cache, write_shard
 
@@ -86,19 +92,24 @@ class ActorResources:
         }
 
 
-def _start(cfg: Config, resources: ActorResources) -> bool:
-    """Join or start the cluster; check that the pool fits a private one; Ray Data's own bars off (ours
-    counts shards or images). True when this call connected (and must disconnect)."""
+def _start(cfg: Config, resources: ActorResources, served: dict[str, float] | None = None) -> bool:
+    """Join or start the cluster; check that the pool (and the reward replicas it will call, `served`) fits a
+    private one, which never grows; Ray Data's own bars off (ours counts shards or images). True when this
+    call connected (and must disconnect)."""
     connected = connect_ray(cfg)
     private = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
     total = ray.cluster_resources()
     for kind, each in (("CPU", resources.cpus), ("GPU", resources.gpus)):
-        if private and resources.actors * each > total.get(kind, 0) + 1e-9:
+        need = resources.actors * each + (served or {}).get(kind, 0.0)
+        if private and need > total.get(kind, 0) + 1e-9:
             if connected:
                 ray.shutdown()
             raise ValueError(
-                f"{resources.actors} actors x {each:g} {kind}s need {resources.actors * each:g} {kind}s, this "
-                f"machine has {total.get(kind, 0):g}: lower --actors or --{kind.lower()}s-per-actor"
+                f"{resources.actors} actors x {each:g} {kind}s"
+                + (f" + the reward replicas' {served[kind]:g}" if served and served.get(kind) else "")
+                + f" need {need:g} {kind}s, this machine has {total.get(kind, 0):g}: lower --actors or "
+                f"--{kind.lower()}s-per-actor"
+                + (" (or reward.cpus_per_replica)" if kind == "CPU" and served else "")
             )
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -144,11 +155,17 @@ class _Encoder:
 
 
 def run_embed_job(
-    cfg: Config, plan: CachePlan, *, batch_size: int, resources: ActorResources, progress: bool = True
+    cfg: Config,
+    plan: CachePlan,
+    *,
+    batch_size: int,
+    resources: ActorResources,
+    progress: bool = True,
+    on_result: Callable[[int], None] | None = None,
 ) -> tuple[Path, int]:
     """Encode the plan's unwritten shards on an actor pool, then write the cache: (its folder, shards encoded
     by this call). A shard is the unit of work (one map_batches row): its batches are those of the
-    one-process `write_text_cache`, so the cache is the same."""
+    one-process `write_text_cache`, so the cache is the same. on_result(prompts): as each shard lands."""
     todo = plan.todo
     cfg = absolute_paths(cfg)  # the model folder, wherever the actors run
     if todo:
@@ -172,8 +189,10 @@ def run_embed_job(
             bar = tqdm(total=plan.num_shards, initial=done, desc="embed", unit="shard", disable=not progress)
             try:
                 with bar:
-                    for _ in shards.iter_rows():
+                    for row in shards.iter_rows():
                         bar.update(1)
+                        if on_result is not None:
+                            on_result(len(plan.shard_prompts(int(row["shard"]))))
             except ray.exceptions.RayError as err:
                 kept = plan.num_shards - len(plan.todo)
                 raise _job_error(
@@ -249,10 +268,16 @@ def metric_reward_configs(cfg: Config, metrics: list[str]) -> tuple[dict[str, An
 
 
 def run_eval_job(
-    cfg: Config, plan, *, resources: ActorResources, progress: bool = True
+    cfg: Config,
+    plan,
+    *,
+    resources: ActorResources,
+    progress: bool = True,
+    on_result: Callable[[int], None] | None = None,
 ) -> dict[int, tuple[np.ndarray, dict[str, list]]]:
     """Every (weights, unit) of the plan sampled and scored on an actor pool: {weights number: (images
-    [N, H, W, 3] uint8, per-image columns)}, rows in unit order, as evaluation.evaluate_weights makes them."""
+    [N, H, W, 3] uint8, per-image columns)}, rows in unit order, as evaluation.evaluate_weights makes them.
+    on_result(images): as each unit lands."""
     from leapalign.evaluation import merge_columns, unit_columns
 
     cfg = absolute_paths(cfg)  # actors may run elsewhere (a job's working dir, another node)
@@ -260,7 +285,11 @@ def run_eval_job(
         plan, rewards={}, weights=[w if w == "base" else str(Path(w).resolve()) for w in plan.weights]
     )
     units = plan.units(cfg)
-    connected = _start(cfg, resources)
+    rewards = [name for name in plan.metrics if name != "world"]
+    served = {"CPU": 0.0, "GPU": 0.0}
+    if cfg.reward.serve and cfg.ray.enabled:  # each reward metric: its own deployment (reward.* sizes it)
+        served = {kind: len(rewards) * each for kind, each in reward_service_resources(cfg).items()}
+    connected = _start(cfg, resources, served)
     deployed: list[str] = []
     try:
         rewards, deployed = metric_reward_configs(cfg, plan.metrics)
@@ -287,6 +316,8 @@ def run_eval_job(
                         json.loads(row["results"]),
                     )
                     bar.update(len(units[int(row["unit"])].indices))
+                    if on_result is not None:
+                        on_result(len(units[int(row["unit"])].indices))
         except ray.exceptions.RayError as err:
             raise _job_error(err, "eval stopped (nothing written)") from err
         log.info(
