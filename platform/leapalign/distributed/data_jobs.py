@@ -343,3 +343,32 @@ def run_eval_job(
             {**unit_columns(plan, cfg), **merge_columns([found[(w, k)][1] for k in range(len(units))])},
         )
     return out
+
+
+def sample_report_grid_on_ray(
+    cfg: Config, runs: list[tuple[str, Path | None]], num_prompts: int = 8
+) -> tuple[list[tuple[str, Any]], list[str]] | None:
+    """evaluation.sample_report_grid on Ray Data: the base model and each run given (its EMA weights when it
+    has them) on the same held-out prompts and noise, one actor per weights as far as the free CPUs go
+    (`leapalign compare`'s picture, after its trials: the cluster is idle)."""
+    import torch
+
+    from leapalign.evaluation import is_world_prompt_set, load_eval_prompts, plan_eval
+
+    if not cfg.eval.prompts:
+        return None
+    usable = [(label, d) for label, d in runs if d is not None and (Path(d) / "config.yaml").is_file()]
+    cfg = with_overrides(cfg, {"eval.images_per_prompt": 1})
+    world = is_world_prompt_set(load_eval_prompts(cfg.eval.prompts, num_prompts))
+    metrics = ["world"] if world else [cfg.reward.name]  # the picture needs images; the judge is cheap
+    weights = ["base", *[str(d) for _, d in usable]]
+    plan = plan_eval(cfg, weights, cfg.eval.prompts, metrics, num_prompts, build_rewards=False)
+    free = ray.available_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    resources = ActorResources(max(1, min(len(weights), int(free))), 1.0)
+    sampled = run_eval_job(cfg, plan, resources=resources, progress=False)
+    labels = ["base", *[label for label, _ in usable]]
+    rows = [
+        (label, torch.from_numpy(sampled[w][0]).permute(0, 3, 1, 2).float() / 255)
+        for w, label in enumerate(labels)
+    ]
+    return rows, plan.prompts
