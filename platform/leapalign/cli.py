@@ -311,7 +311,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
         from leapalign.distributed.data_jobs import ActorResources, run_embed_job  # noqa: TID251
 
-        resources = ActorResources(args.actors, args.cpus_per_actor, args.gpus_per_actor)
+        resources = ActorResources(args.actors, args.cpus_per_actor, args.gpus_per_actor)  # checked first
         # model.dtype=auto: what the actors' device gives (bfloat16 on GPU actors, float32 on CPU ones)
         device = "cuda" if resources.gpus > 0 or (args.device or "").startswith("cuda") else "cpu"
         dtype = pick_dtype(model.dtype, torch.device(device))

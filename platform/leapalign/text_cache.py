@@ -23,6 +23,9 @@ not paths or mtimes, so a copied or moved model folder still matches and a retra
 shapes does not. The folder is read once per process (about 5-10 s for T5-XXL); a weight file in a Hugging
 Face cache snapshot is a link to a blob named by that same sha256, so it costs no reading. A hub id is
 fingerprinted by the commit its revision resolves to, which pins every file without fetching the encoders.
+
+Why one file over 500 lines: the format is written and read here, side by side (shards, index, manifest,
+fingerprint, the partial folder's request): a field changed in one place and not the other breaks every cache.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,6 +141,8 @@ class CachePlan:
     dtype: torch.dtype
     model: dict[str, object]  # path, revision, fingerprint, files
     sources: list[str]
+    request: dict[str, object] = field(default_factory=dict)  # what plan.json records
+    stale: bool = False  # the partial folder holds another request's shards
 
     @property
     def num_shards(self) -> int:
@@ -152,7 +157,7 @@ class CachePlan:
     @property
     def todo(self) -> list[int]:
         """Shard numbers not yet written (a written shard is complete: it appeared by a rename)."""
-        return [n for n in range(self.num_shards) if not self.shard_path(n).is_file()]
+        return [n for n in range(self.num_shards) if self.stale or not self.shard_path(n).is_file()]
 
 
 def plan_text_cache(
@@ -181,7 +186,7 @@ def plan_text_cache(
         out_dir, out_dir.with_name(f".{out_dir.name}.partial"), unique, shard_size, max_sequence_length,
         dtype, model, list(sources),
     )  # fmt: skip
-    request = {
+    plan.request = {
         "format": FORMAT,
         "fingerprint": model["fingerprint"],
         "max_sequence_length": max_sequence_length,
@@ -190,14 +195,22 @@ def plan_text_cache(
         "prompts": hashlib.sha256(json.dumps(unique).encode()).hexdigest(),
     }
     record = plan.partial / PLAN
-    if plan.partial.is_dir() and (not record.is_file() or json.loads(record.read_text()) != request):
+    if plan.partial.is_dir() and (not record.is_file() or json.loads(record.read_text()) != plan.request):
+        plan.stale = True  # shards of another request: discarded by open(), not read by todo
+    return plan
+
+
+def open_partial(plan: CachePlan) -> None:
+    """Create the partial folder (discarding one of another request) and record the request: the first write
+    of an embed, after every check."""
+    if plan.stale:
         log.info("%s holds shards of another embed request: starting over", plan.partial)
         shutil.rmtree(plan.partial)
+        plan.stale = False
     plan.partial.mkdir(parents=True, exist_ok=True)
-    if not record.is_file():
-        with atomic_path(record) as tmp:
-            tmp.write_text(json.dumps(request, indent=2))
-    return plan
+    if not (plan.partial / PLAN).is_file():
+        with atomic_path(plan.partial / PLAN) as tmp:
+            tmp.write_text(json.dumps(plan.request, indent=2))
 
 
 def encode_shard(
@@ -313,6 +326,7 @@ def write_text_cache(
         prompts, out_dir, model_path=model_path, revision=revision, max_sequence_length=max_sequence_length,
         dtype=dtype, sources=sources, shard_size=shard_size, overwrite=overwrite,
     )  # fmt: skip
+    open_partial(plan)
     for number in tqdm(plan.todo, desc="embed", unit="shard", disable=not progress):
         write_shard(plan, number, encode_shard(encode, plan.shard_prompts(number), batch_size))
     return finish_text_cache(plan)

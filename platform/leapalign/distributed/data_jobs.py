@@ -48,7 +48,7 @@ from leapalign.distributed.reward_service import (
     reward_service_resources,
 )
 from leapalign.numerics import process_env
-from leapalign.text_cache import CachePlan, encode_shard, finish_text_cache, write_shard
+from leapalign.text_cache import CachePlan, encode_shard, finish_text_cache, open_partial, write_shard
 
 log = logging.getLogger("leapalign")
 
@@ -172,6 +172,7 @@ def run_embed_job(
         fault = os.environ.get(FAULT_EMBED_SHARD_ENV)
         connected = _start(cfg, resources)
         try:
+            open_partial(plan)  # the first write: after every check, the cluster's included
             items = [{"shard": n} for n in todo]
             shards = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _Encoder,
