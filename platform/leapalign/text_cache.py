@@ -240,6 +240,12 @@ def write_shard(plan: CachePlan, number: int, tensors: dict[str, Tensor]) -> Pat
         raise ValueError(
             f"encode returned {length} tokens per prompt, expected max_sequence_length={plan.max_sequence_length}"
         )
+    if (
+        tensors["prompt_embeds"].dtype != plan.dtype
+    ):  # e.g. a GPU's bfloat16 planned, a CPU actor's float32 made
+        raise ValueError(
+            f"shard {number}: {tensors['prompt_embeds'].dtype} embeddings, the cache is {plan.dtype}"
+        )
     count = len(plan.shard_prompts(number))
     if tensors["prompt_embeds"].shape[0] != count:
         raise ValueError(

@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from leapalign.config import Config, with_overrides
 from leapalign.distributed.ray_train import absolute_paths, connect_ray
 from leapalign.distributed.reward_service import (
-    _app_status,
     ensure_reward_service,
     make_reward_fn,
     reward_service_resources,
@@ -328,8 +327,9 @@ def run_eval_job(
         if deployed:
             from ray import serve
 
+            running = serve.status().applications
             for app in deployed:
-                if _app_status(app) is not None:
+                if app in running:
                     serve.delete(app)
         if connected:
             ray.shutdown()
