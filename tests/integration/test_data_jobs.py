@@ -1,6 +1,7 @@
 """`leapalign embed` and `leapalign eval` on Ray Data (leapalign.distributed.data_jobs), on one local Ray cluster
 for the module (127.0.0.1, 2 CPUs) with the tiny Flux: the Ray Data cache is the one-process cache, bit for bit,
-after a failed run resumed without re-encoding its finished shards; an evaluation of two weights gives the same
+after a failed run resumed without re-encoding its finished shards; a killed embed (its driver SIGKILLed) resumes
+the same way; an evaluation of two weights gives the same
 tables and images on 1 actor and on 2 actors, bit for bit, its reward served by Ray Serve; and the images and
 the judge's results of one process (the reward built in process: equal to rel 1e-6).
 
@@ -10,6 +11,10 @@ The `ray job submit` runs of both commands are in test_ray_job.py (its token-aut
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from leapalign.distributed.data_jobs import (
 )
 from leapalign.distributed.reward_service import ensure_reward_service
 from leapalign.evaluation import evaluate_weights, plan_eval, write_eval_folder
-from leapalign.text_cache import MANIFEST, plan_text_cache
+from leapalign.text_cache import MANIFEST, TextCache, plan_text_cache
 from tests.conftest import TINY_CONFIG, local_ray, tiny_overrides
 from tests.unit.test_text_cache import EXTRA, LENGTH, build_cache
 
@@ -106,6 +111,49 @@ def test_embed_on_ray_data_resumes_after_a_failure_and_equals_the_one_process_ca
     assert json.loads((out / MANIFEST).read_text()) == json.loads((reference / MANIFEST).read_text()), (
         "manifest differs from the one-process cache"
     )
+
+
+def test_a_killed_embed_resumes_without_redoing_finished_shards(ray_cluster, tiny_flux_dir, tmp_path):
+    """`leapalign embed --actors 1` as its own driver process on this cluster, killed (SIGKILL, no clean-up)
+    while its actor holds shard 2: shards 0 and 1 are kept; the same request again encodes only 2-4."""
+    prompts = [*load_prompts(load_config(TINY_CONFIG).train.prompts), *EXTRA]  # 10 unique: 5 shards of 2
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "cache"
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_cluster.address_info["gcs_address"],
+        FAULT_EMBED_SHARD_ENV: "2:hang",
+    }
+    command = [sys.executable, "-m", "leapalign", "embed", str(tmp_path / "prompts.txt"), str(out), "--model",
+               str(tiny_flux_dir), "--max-sequence-length", str(LENGTH), "--shard-size", "2", "--batch-size", "2",
+               "--actors", "1", "--cpus-per-actor", str(HALF_CPU)]  # fmt: skip
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)  # fmt: skip
+    partial = out.with_name(f".{out.name}.partial")
+    written: list[Path] = []
+    deadline = time.monotonic() + 180
+    while len(written) < 2:  # the one actor takes the shards in order and blocks at shard 2
+        assert driver.poll() is None, f"embed exited early: {driver.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no 2 shards after 180 s: {written}"
+        time.sleep(0.2)
+        written = sorted(partial.glob("shard-*.safetensors"))
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in written}
+    assert sorted(kept) == ["shard-00000.safetensors", "shard-00001.safetensors"] and not out.exists(), (
+        f"killed at shard 2: {sorted(kept)}, cache at OUT: {out.exists()}"
+    )
+    plan = plan_text_cache(
+        prompts, out, model_path=str(tiny_flux_dir), revision=None, max_sequence_length=LENGTH,
+        dtype=torch.float32, sources=[str(tmp_path / "prompts.txt")], shard_size=2,
+    )  # fmt: skip
+    assert plan.todo == [2, 3, 4], f"the same request again: shards {plan.todo} to do"
+    cfg = tiny_cfg(tiny_flux_dir, tmp_path)
+    _, encoded = run_embed_job(cfg, plan, batch_size=2, resources=ActorResources(1, HALF_CPU), progress=False)
+    assert encoded == 3, f"the resumed run encoded {encoded} shards, want 3 (2, 3, 4)"
+    for name, stamp in kept.items():
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp, f"{name} was rewritten"
+    assert TextCache(out).missing(prompts) == [], "the resumed cache holds every prompt"
 
 
 def test_eval_tables_are_the_same_on_one_actor_two_actors_and_one_process(

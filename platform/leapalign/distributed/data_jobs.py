@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -51,7 +52,8 @@ from leapalign.text_cache import CachePlan, encode_shard, finish_text_cache, ope
 
 log = logging.getLogger("leapalign")
 
-# Fault injection for the resume drill and its test: the embed actor that gets this shard fails.
+# Fault injection for the resume drill and its tests: the embed actor that gets shard N fails ("N"), or
+# blocks there until it is killed with its driver ("N:hang").
 FAULT_EMBED_SHARD_ENV = "LEAPALIGN_FAULT_EMBED_SHARD"
 
 
@@ -127,13 +129,15 @@ def _torch_threads(cfg: Config, resources: ActorResources) -> int:
 class _Encoder:
     """A text-encoder replica: the pipeline's T5 and CLIP, loaded once; encodes whole shards and writes them."""
 
-    def __init__(self, cfg: Config, plan: CachePlan, batch_size: int, threads: int, fail_at: int | None):
+    def __init__(self, cfg: Config, plan: CachePlan, batch_size: int, threads: int, fault: str | None):
         import torch
 
         from leapalign.models.flux import FluxPolicy
 
         torch.set_num_threads(threads)
-        self.model, self.plan, self.batch_size, self.fail_at = cfg.model, plan, batch_size, fail_at
+        self.model, self.plan, self.batch_size = cfg.model, plan, batch_size
+        at, _, self.fault_mode = (fault or "").partition(":")
+        self.fault_at = int(at) if at else None
         self.policy = FluxPolicy.from_pretrained(
             cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision
         )  # with its text encoders; cuda when the actor has a GPU
@@ -144,7 +148,9 @@ class _Encoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for number in batch["shard"].tolist():
-            if number == self.fail_at:
+            if number == self.fault_at and self.fault_mode == "hang":
+                threading.Event().wait()  # until the driver is killed (and this actor with it)
+            if number == self.fault_at:
                 raise RuntimeError(
                     f"{FAULT_EMBED_SHARD_ENV}={number}: this embed actor fails here (fault drill)"
                 )
@@ -181,7 +187,7 @@ def run_embed_job(
                     "plan": plan,
                     "batch_size": batch_size,
                     "threads": _torch_threads(cfg, resources),
-                    "fail_at": int(fault) if fault else None,
+                    "fault": fault,
                 },  # fmt: skip
                 **resources.remote_args(cfg.train.cpu_isa),
             )
