@@ -381,13 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. experiments/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.leapalign.alpha=0.1")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="score base or trained weights on a prompt set (fixed noise)")
+    p = sub.add_parser(
+        "eval",
+        help="score base or trained weights on a prompt set (fixed noise)",
+        usage="leapalign eval WEIGHTS [WEIGHTS ...] PROMPTS [key=value ...] [options]",
+    )
     p.add_argument(
         "weights",
         nargs="+",
-        metavar="WEIGHTS... PROMPTS",
+        metavar="WEIGHTS PROMPTS",
         help="'base', LoRA folders, transformer folders or run output folders (several: one folder each under "
-        "--out, paired on the same noise), then the .txt or .parquet prompt file (world prompts enable 'world')",
+        "--out, paired on the same noise), then the .txt or .parquet prompt file (world prompts enable "
+        "'world'); then dotted key=value overrides of the config",
     )
     p.add_argument(
         "--metrics", help="comma-separated: world and/or reward names (default: world + reward.name)"
