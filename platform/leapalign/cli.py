@@ -3,6 +3,7 @@
     leapalign train experiments/quickstart.yaml method.leapalign.alpha=0.1 train.seed=3
     leapalign train experiments/world/grpo.yaml train.resume=true
     leapalign eval outputs/quickstart assets/prompts/world/eval.parquet
+    leapalign eval base outputs/run_a outputs/run_b assets/prompts/world/eval.parquet --actors 2
     leapalign compare experiments/compare/world_methods.yaml
     leapalign seeds outputs/quickstart_seed0 outputs/quickstart_seed1
     leapalign sweep experiments/sweeps/world_leap.yaml
@@ -142,20 +143,30 @@ def _report_evaluation(cfg: Config, before, output_dir: Path, run_id: str | None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Base or trained weights on a prompt set: images, a Parquet table, a summary, an MLflow run."""
+    """Base or trained weights (one or several) on a prompt set: images, a Parquet table and a summary per
+    weights, an MLflow run each; in this process, or with --actors N on a Ray Data actor pool."""
     from leapalign.config import load_config
-    from leapalign.evaluation import evaluate_weights, plan_eval
+    from leapalign.evaluation import evaluate_weights, plan_eval, write_eval_folder
     from leapalign.tracking import MLflowTracker, NullTracker
 
+    # WEIGHTS... PROMPTS [key=value ...]: argparse gives one list; an override has "=" and names no path.
+    overrides = [a for a in args.weights if "=" in a and not Path(a).exists()]
+    positional = [a for a in args.weights if a not in overrides]
+    args.overrides = [*overrides, *args.overrides]
+    weights, prompts_path = positional[:-1], positional[-1] if positional else ""
+    if not weights:
+        raise ValueError(
+            "give WEIGHTS... PROMPTS: 'base', LoRA/transformer/run folders, then the prompt file"
+        )
     config = args.config
     if config is None:  # a run folder (or a weights folder inside one) carries its resolved config
-        for folder in (Path(args.weights), Path(args.weights).parent):
+        for folder in (Path(weights[0]), Path(weights[0]).parent):
             if (folder / "config.yaml").is_file():
                 config = folder / "config.yaml"
                 break
     if config is None:
         raise ValueError(
-            f"--config is needed: {args.weights} is not inside a run folder with a config.yaml (the config "
+            f"--config is needed: {weights[0]} is not inside a run folder with a config.yaml (the config "
             f"names the base model and the sampler settings)"
         )
     cfg = load_config(config, args.overrides)
@@ -166,21 +177,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.train.torch_threads)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    plan = plan_eval(cfg, args.weights, args.prompts, metrics, args.num_prompts)  # before anything is written
-    name = "base" if args.weights == "base" else Path(args.weights).resolve().name
-    out_dir = Path(args.out or f"outputs/eval/{name}-{Path(args.prompts).stem}")
-    tracker = NullTracker()
-    if cfg.tracking.enabled:
-        tracker = MLflowTracker(cfg.tracking.uri, "eval", run_name=f"{name} on {Path(args.prompts).name}")
-    report = None
-    try:
-        report = evaluate_weights(cfg, plan, out_dir, tracker)
-    finally:
-        tracker.end("FINISHED" if report is not None else "FAILED")
-    width = max(len(k) for k in report.summary)
-    for key, value in report.summary.items():
-        print(f"{key:<{width}}  {value:.4f}")
-    print(f"images, eval.parquet and summary.json in {report.out_dir}")
+    on_ray = args.actors is not None
+    # Before anything is written: weights, prompts, metric names (and the pool's size).
+    plan = plan_eval(cfg, weights, prompts_path, metrics, args.num_prompts, build_rewards=not on_ray)
+    if on_ray:
+        from leapalign.distributed.data_jobs import ActorResources  # noqa: TID251 (the entry reaches the Ray edge)
+
+        resources = ActorResources(args.actors, args.cpus_per_actor, args.gpus_per_actor)
+    name = plan.names[0] if len(weights) == 1 else "+".join(plan.names)
+    out_dir = Path(args.out or f"outputs/eval/{name}-{Path(prompts_path).stem}")
+    folders = [out_dir] if len(weights) == 1 else [out_dir / n for n in plan.names]
+    sampled = {}
+    if on_ray:
+        from leapalign.distributed.data_jobs import run_eval_job  # noqa: TID251
+
+        sampled = run_eval_job(cfg, plan, resources=resources)
+    summaries = {}
+    for which, folder in enumerate(folders):
+        tracker = NullTracker()
+        if cfg.tracking.enabled:
+            run_name = f"{plan.names[which]} on {Path(prompts_path).name}"
+            tracker = MLflowTracker(cfg.tracking.uri, "eval", run_name=run_name)
+        report = None
+        try:
+            if on_ray:
+                images, per_image = sampled[which]
+                report = write_eval_folder(plan, which, folder, images, per_image, tracker)
+            else:
+                report = evaluate_weights(cfg, plan, which, folder, tracker)
+        finally:
+            tracker.end("FINISHED" if report is not None else "FAILED")
+        summaries[plan.names[which]] = report.summary
+    if len(folders) > 1:
+        with atomic_path(out_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps({"prompts": prompts_path, "weights": dict(zip(plan.names, plan.weights, strict=True)),
+                                       "summary": summaries}, indent=2))  # fmt: skip
+    keys = list(dict.fromkeys(k for summary in summaries.values() for k in summary))
+    width = max(len(k) for k in ["metric", *keys])
+    print(f"{'metric':<{width}}  " + "  ".join(f"{n:>10}" for n in summaries))
+    for key in keys:
+        print(
+            f"{key:<{width}}  " + "  ".join(f"{s.get(key, float('nan')):>10.4f}" for s in summaries.values())
+        )
+    print(f"images, eval.parquet and summary.json in {', '.join(str(f) for f in folders)}")
     return 0
 
 
@@ -247,12 +286,13 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    """T5 + CLIP prompt embeddings of prompt files (and a config's train/eval prompts) into a text cache."""
+    """T5 + CLIP prompt embeddings of prompt files (and a config's train/eval prompts) into a text cache: in
+    this process, or with --actors N on a Ray Data pool of text-encoder replicas. Resumable either way."""
     from dataclasses import replace
 
-    from leapalign.config import ModelConfig, load_config
+    from leapalign.config import Config, ModelConfig, load_config
     from leapalign.data import load_prompts, pick_dtype, resolve_model_path
-    from leapalign.text_cache import check_cache_destination, run_prompt_sets, write_text_cache
+    from leapalign.text_cache import plan_text_cache, run_prompt_sets, write_text_cache
 
     cfg = load_config(args.config) if args.config else None
     flags = {"path": args.model, "max_sequence_length": args.max_sequence_length, "dtype": args.dtype}
@@ -264,24 +304,48 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.shard_size < 1 or args.batch_size < 1:
         raise ValueError(f"--shard-size {args.shard_size} --batch-size {args.batch_size}: use >= 1")
     resolve_model_path(model.path)
-    check_cache_destination(Path(args.out), args.overwrite)
-    quiet_libraries()
-    from leapalign.models.flux import FluxPolicy
-
-    policy = FluxPolicy.from_pretrained(
-        model.path, dtype=model.dtype, device=args.device, revision=model.revision
-    )  # with its text encoders
-
-    def encode(prompts: list[str]):
-        cond = policy.encode_prompts(prompts, model.max_sequence_length)
-        return cond.prompt_embeds, cond.pooled_prompt_embeds
-
     prompts = [p for ps in sets.values() for p in ps]
-    out = write_text_cache(
-        encode, prompts, args.out, model_path=model.path, revision=model.revision,
-        max_sequence_length=model.max_sequence_length, dtype=pick_dtype(model.dtype, policy.device),
-        sources=list(sets), shard_size=args.shard_size, batch_size=args.batch_size, overwrite=args.overwrite,
-    )  # fmt: skip
+    out = Path(args.out).absolute()
+    if args.actors is not None:
+        import torch
+
+        from leapalign.distributed.data_jobs import ActorResources, run_embed_job  # noqa: TID251
+
+        resources = ActorResources(args.actors, args.cpus_per_actor, args.gpus_per_actor)  # checked first
+        # model.dtype=auto: what the actors' device gives (bfloat16 on GPU actors, float32 on CPU ones)
+        device = "cuda" if resources.gpus > 0 or (args.device or "").startswith("cuda") else "cpu"
+        dtype = pick_dtype(model.dtype, torch.device(device))
+        plan = plan_text_cache(
+            prompts, out, model_path=model.path, revision=model.revision,
+            max_sequence_length=model.max_sequence_length, dtype=dtype, sources=list(sets),
+            shard_size=args.shard_size, overwrite=args.overwrite,
+        )  # fmt: skip
+        if plan.num_shards > len(plan.todo):
+            print(f"resuming: {plan.num_shards - len(plan.todo)} of {plan.num_shards} shards already written")
+        job_cfg = replace(cfg or Config(), model=model)
+        _, encoded = run_embed_job(job_cfg, plan, batch_size=args.batch_size, resources=resources)
+        print(f"{encoded} shards encoded on {resources.actors} Ray Data actor(s)")
+    else:
+        from leapalign.text_cache import check_cache_destination
+
+        check_cache_destination(out, args.overwrite)
+        quiet_libraries()
+        from leapalign.models.flux import FluxPolicy
+
+        policy = FluxPolicy.from_pretrained(
+            model.path, dtype=model.dtype, device=args.device, revision=model.revision
+        )  # with its text encoders
+
+        def encode(batch: list[str]):
+            cond = policy.encode_prompts(batch, model.max_sequence_length)
+            return cond.prompt_embeds, cond.pooled_prompt_embeds
+
+        out = write_text_cache(
+            encode, prompts, out, model_path=model.path, revision=model.revision,
+            max_sequence_length=model.max_sequence_length, dtype=pick_dtype(model.dtype, policy.device),
+            sources=list(sets), shard_size=args.shard_size, batch_size=args.batch_size, overwrite=args.overwrite,
+            progress=True,
+        )  # fmt: skip
     print(
         f"embedded {len(set(prompts))} prompts from {', '.join(sets)} into {out}; use model.text_cache={out}"
     )
@@ -297,6 +361,16 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_actor_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--actors", type=int, default=None,
+        help=f"run on Ray Data with this many actors ({what}): the job's cluster under `ray job submit`, "
+        "else a private one on this machine (default: this process, no Ray)",
+    )  # fmt: skip
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each actor reserves (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leapalign",
@@ -307,17 +381,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. experiments/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.leapalign.alpha=0.1")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="score base or trained weights on a prompt set (fixed noise)")
-    p.add_argument("weights", help="'base', a LoRA folder, a transformer folder, or a run's output folder")
-    p.add_argument("prompts", help=".txt or .parquet prompt file (miniature-world prompts enable 'world')")
+    p = sub.add_parser(
+        "eval",
+        help="score base or trained weights on a prompt set (fixed noise)",
+        usage="leapalign eval WEIGHTS [WEIGHTS ...] PROMPTS [key=value ...] [options]",
+    )
+    p.add_argument(
+        "weights",
+        nargs="+",
+        metavar="WEIGHTS PROMPTS",
+        help="'base', LoRA folders, transformer folders or run output folders (several: one folder each under "
+        "--out, paired on the same noise), then the .txt or .parquet prompt file (world prompts enable "
+        "'world'); then dotted key=value overrides of the config",
+    )
     p.add_argument(
         "--metrics", help="comma-separated: world and/or reward names (default: world + reward.name)"
     )
     p.add_argument("--config", help="run config (default: the config.yaml of the run folder)")
     p.add_argument("--num-prompts", type=int, default=None, help="first N prompts (default eval.num_prompts)")
     p.add_argument("--out", help="output folder (default outputs/eval/WEIGHTS-PROMPTS)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
-    p.set_defaults(func=cmd_eval)
+    add_actor_options(p, "policy replicas sampling and scoring")
+    p.set_defaults(func=cmd_eval, overrides=[])
     p = sub.add_parser("compare", help="methods x seeds at equal compute on Ray, with a report")
     p.add_argument("spec", help="compare spec, e.g. experiments/compare/world_methods.yaml")
     p.add_argument("--budget-nfe", type=int, default=None, help="override the spec's compute budget per run")
@@ -360,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="prompts per safetensors shard")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per encoder call")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache at OUT")
+    add_actor_options(p, "text-encoder replicas, one shard at a time")
     p.set_defaults(func=cmd_embed)
     p = sub.add_parser("show-config", help="print the resolved config (defaults <- YAML <- overrides)")
     p.add_argument("config", nargs="?", default=None)
@@ -384,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"leapalign: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "DataJobError":  # an actor's failure in `embed` / `eval --actors`: one line
+            raise
+        print(f"leapalign: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # a local run stopped by Ctrl-C says where it stopped (train.py)
         print(f"leapalign: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130

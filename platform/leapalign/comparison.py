@@ -10,7 +10,7 @@ The steps, each its own function (plain Python, no Ray; the Tune driver hands ov
     plot_curves    curves.png: every seed's held-out curve against compute
     format_report  report.md's tables (score_table, breakdown_tables, compute_table, target_table)
     write_report   report.md (failed or missing runs named), summary.json, curves.png, samples.png
-    compare_report all of it for `leapalign compare`, with the samples picture sampled in this process
+    compare_report all of it for `leapalign compare`, with the samples picture (sampled on Ray Data actors)
 
 The target of "compute to target" is the base model's score plus a share (default 50%) of the best
 method's gain; each seed's crossing is the compute at its first evaluation at or above it.
@@ -442,10 +442,13 @@ def compare_report(
     out_dir: Path,
     chosen: dict[str, dict[str, Any]],
     tuning: list[dict],
+    sample_grid=None,
 ) -> Path:
     """The whole report of `leapalign compare` from its runs' folders: collect, summarise, a picture (the base
-    model and each method's first usable run on the same held-out prompts and noise, sampled here in this
-    process), write. base: the spec's base config with absolute paths; chosen, tuning: the tuning phase's."""
+    model and each method's first usable run on the same held-out prompts and noise), write. base: the spec's
+    base config with absolute paths; chosen, tuning: the tuning phase's. sample_grid: what samples the picture,
+    evaluation.sample_report_grid's signature (default: it, in this process; `leapalign compare` passes the
+    Ray Data evaluation, leapalign.distributed.data_jobs.sample_report_grid_on_ray)."""
     from leapalign.evaluation import sample_report_grid
 
     results = collect_runs(entries, spec.metric)
@@ -454,7 +457,7 @@ def compare_report(
     )
     first_usable = {label: next((r.run_dir for r in results if r.label == label and r.usable), None)
                     for label in spec.runs}  # fmt: skip
-    grid = sample_report_grid(base, list(first_usable.items()))
+    grid = (sample_grid or sample_report_grid)(base, list(first_usable.items()))
     title = f"{spec.name}: {', '.join(spec.runs)}, {len(spec.seeds)} seeds"
     budget = f"Every run stopped once it had used {spec.budget_text()} (seeds {spec.seeds})."
     extra = tuning_section(spec, chosen, tuning) if spec.tune is not None else []

@@ -2,7 +2,8 @@
 transformer: none, DDP (LoRA) or FSDP2 (full fine-tuning).
 
     LocalContext       one process: rank 0 of 1; TorchDistContext: the same methods over an initialised
-                       process group (Ray Train workers): metric means, votes, count sums, gathers
+                       process group (Ray Train workers): metric means, votes, count sums, gathers (of
+                       tensors, and of objects: the split held-out evaluation's per-image results)
     resolve_strategy   ray.strategy=auto -> none (one worker), ddp (LoRA), fsdp2 (full fine-tuning)
     Parallel           wrap the transformer; `accumulate(sync)` around each micro-batch (no gradient
                        all-reduce until the last one); `clip_grad_norm` (DTensor grads too);
@@ -67,6 +68,10 @@ class LocalContext:
         """[n, ...] from every rank -> [world_size * n, ...] in rank order."""
         return tensor
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """A picklable object from every rank -> their list, in rank order (held-out results per image)."""
+        return [obj]
+
 
 class TorchDistContext(LocalContext):
     """Data parallel over an initialised torch.distributed process group (gloo on CPU, NCCL on GPU)."""
@@ -102,6 +107,11 @@ class TorchDistContext(LocalContext):
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self._dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        parts: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(parts, obj)
+        return parts
 
 
 # ----------------------------------------------------------------------------- sharing the transformer

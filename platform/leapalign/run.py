@@ -170,14 +170,15 @@ class TrainingRun:
         self.policy.meter = self.meter
         self.timer = PhaseTimer(self.policy.device)
         self.grid_prompts = prompts[: cfg.train.num_samples]
-        # When to evaluate: decided alike on every rank. Sharded weights: every rank takes part in the
-        # evaluation's forwards (rank 0 logs); otherwise rank 0 evaluates alone.
+        # When to evaluate: decided alike on every rank. Every rank samples its share of the held-out prompts
+        # and the results are gathered (the numbers of one rank); sharded weights keep the ranks' model calls
+        # in lockstep (every forward is a collective). Rank 0 logs.
         self.eval_schedule = (
             EvalSchedule(cfg.eval.every, cfg.eval.every_nfe) if cfg.eval.during_training else None
         )
         self.evaluator = (
-            HeldOutEvaluator(cfg, reward_fn)
-            if cfg.eval.during_training and (dist.is_main or self.parallel.sharded)
+            HeldOutEvaluator(cfg, reward_fn, dist, lockstep=self.parallel.sharded)
+            if cfg.eval.during_training
             else None
         )
         self.on_step_end = on_step_end or LocalCheckpoints(
@@ -282,12 +283,12 @@ class TrainingRun:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         cfg, dist = self.cfg, self.dist
-        # The ranks that run the grids' and the evaluation's forwards (all of them when weights are sharded).
+        # The ranks that run the grids' forwards (all of them when weights are sharded).
         forwards = dist.is_main or self.parallel.sharded
         if self.start_step == 0 and forwards:
             before = self.sample_grid_images()
-            # the curve starts at the base model, at zero compute
-            before_eval = self.evaluate(0) if self.evaluator is not None else None
+        # the curve starts at the base model, at zero compute (every rank: each samples its share)
+        before_eval = self.evaluate(0) if self.start_step == 0 and self.evaluator is not None else None
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")

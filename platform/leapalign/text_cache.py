@@ -11,7 +11,11 @@ text_encoder_2=None, tokenizer=None, tokenizer_2=None. A cache folder holds
     shard-00000.safetensors   prompt_embeds [n, L, D_t5], pooled_prompt_embeds [n, D_clip] for <= shard_size
                               prompts; rows are read lazily (memory-mapped), one prompt at a time
 
-It is written into a temp folder beside OUT and renamed into place: a crash never leaves half a cache.
+The shards are written one by one, each atomically, into a hidden folder beside OUT (`.OUT.partial`), which
+is renamed into place once the index and manifest are written: a crash never leaves half a cache, and the
+same command run again keeps the finished shards and encodes the rest (`CachePlan`). On one machine
+`write_text_cache` encodes them in this process; `leapalign embed --actors N` hands them to Ray Data actors
+(leapalign.distributed.data_jobs), each shard's batches the same, so the caches are identical.
 
 The fingerprint is the sha256 over the sha256 of every file in text_encoder/, text_encoder_2/, tokenizer/ and
 tokenizer_2/ of a local folder (what decides the embeddings besides max_sequence_length and dtype): contents,
@@ -19,29 +23,44 @@ not paths or mtimes, so a copied or moved model folder still matches and a retra
 shapes does not. The folder is read once per process (about 5-10 s for T5-XXL); a weight file in a Hugging
 Face cache snapshot is a link to a blob named by that same sha256, so it costs no reading. A hub id is
 fingerprinted by the commit its revision resolves to, which pins every file without fetching the encoders.
+
+Why one file over 500 lines: the format is written and read here, side by side (shards, index, manifest,
+fingerprint, the partial folder's request): a field changed in one place and not the other breaks every cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from leapalign.io import atomic_path
+
 if TYPE_CHECKING:
     from leapalign.config import Config
 
+log = logging.getLogger("leapalign")
+
 FORMAT = "leapalign-text-cache/1"
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-MANIFEST, INDEX = "manifest.json", "index.parquet"
+MANIFEST, INDEX, PLAN, SHARD_NAME = "manifest.json", "index.parquet", "plan.json", "shard-{:05d}.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_TORCH = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "F16": torch.float16,
+}  # safetensors
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 # (real path, size, mtime_ns) -> sha256: a process reads a model file once, whoever asks.
 _file_digests: dict[tuple[str, int, int], str] = {}
@@ -104,6 +123,186 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
+@dataclass
+class CachePlan:
+    """A checked `leapalign embed`: what each shard holds, where the shards are written, which are done.
+
+    Shards are written one by one into `partial` (a hidden folder beside the cache, named after it), each
+    atomically (temp file, then rename): a stopped or failed embed keeps its finished shards, and the same
+    command run again encodes only the others (`todo`). `plan.json` there says what the shards were made
+    for; a partial folder of another request (other prompts, model, length, dtype, shard size) is discarded.
+    """
+
+    out_dir: Path
+    partial: Path
+    prompts: list[str]  # deduplicated, in order
+    shard_size: int
+    max_sequence_length: int
+    dtype: torch.dtype
+    model: dict[str, object]  # path, revision, fingerprint, files
+    sources: list[str]
+    request: dict[str, object] = field(default_factory=dict)  # what plan.json records
+    stale: bool = False  # the partial folder holds another request's shards
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.prompts) // self.shard_size)
+
+    def shard_prompts(self, number: int) -> list[str]:
+        return self.prompts[number * self.shard_size : (number + 1) * self.shard_size]
+
+    def shard_path(self, number: int) -> Path:
+        return self.partial / SHARD_NAME.format(number)
+
+    @property
+    def todo(self) -> list[int]:
+        """Shard numbers not yet written (a written shard is complete: it appeared by a rename)."""
+        return [n for n in range(self.num_shards) if self.stale or not self.shard_path(n).is_file()]
+
+
+def plan_text_cache(
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    model_path: str,
+    revision: str | None,
+    max_sequence_length: int,
+    dtype: torch.dtype,
+    sources: Sequence[str],
+    shard_size: int = 256,
+    overwrite: bool = False,
+) -> CachePlan:
+    """Check the request (destination, sizes, prompts, model) and open its partial folder, keeping the shards
+    an interrupted run of the same request finished. Nothing is encoded here."""
+    out_dir = Path(out_dir)
+    check_cache_destination(out_dir, overwrite)
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size}: use >= 1")
+    unique = list(dict.fromkeys(prompts))
+    if not unique:
+        raise ValueError("no prompts to embed: give at least one prompt file with a non-empty line")
+    model = {"path": model_path, "revision": revision, **model_fingerprint(model_path, revision)}
+    plan = CachePlan(
+        out_dir, out_dir.with_name(f".{out_dir.name}.partial"), unique, shard_size, max_sequence_length,
+        dtype, model, list(sources),
+    )  # fmt: skip
+    plan.request = {
+        "format": FORMAT,
+        "fingerprint": model["fingerprint"],
+        "max_sequence_length": max_sequence_length,
+        "dtype": dtype_name(dtype),
+        "shard_size": shard_size,
+        "prompts": hashlib.sha256(json.dumps(unique).encode()).hexdigest(),
+    }
+    record = plan.partial / PLAN
+    if plan.partial.is_dir() and (not record.is_file() or json.loads(record.read_text()) != plan.request):
+        plan.stale = True  # shards of another request: discarded by open(), not read by todo
+    return plan
+
+
+def open_partial(plan: CachePlan) -> None:
+    """Create the partial folder (discarding one of another request) and record the request: the first write
+    of an embed, after every check."""
+    if plan.stale:
+        log.info("%s holds shards of another embed request: starting over", plan.partial)
+        shutil.rmtree(plan.partial)
+        plan.stale = False
+    plan.partial.mkdir(parents=True, exist_ok=True)
+    if not (plan.partial / PLAN).is_file():
+        with atomic_path(plan.partial / PLAN) as tmp:
+            tmp.write_text(json.dumps(plan.request, indent=2))
+
+
+def encode_shard(
+    encode: Callable[[list[str]], tuple[Tensor, Tensor]], prompts: Sequence[str], batch_size: int
+) -> dict[str, Tensor]:
+    """One shard's tensors: prompt_embeds [n, L, D_t5], pooled_prompt_embeds [n, D_clip], encoded
+    `batch_size` prompts per call (the batches are the same whoever encodes the shard)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use >= 1")
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        prompt_embeds, pooled_prompt_embeds = encode(list(prompts[i : i + batch_size]))
+        embeds.append(prompt_embeds.detach().cpu())
+        pooled.append(pooled_prompt_embeds.detach().cpu())
+    return {
+        "prompt_embeds": torch.cat(embeds).contiguous(),  # [n, L, D_t5]
+        "pooled_prompt_embeds": torch.cat(pooled).contiguous(),  # [n, D_clip]
+    }
+
+
+def write_shard(plan: CachePlan, number: int, tensors: dict[str, Tensor]) -> Path:
+    """Shard `number` into the partial folder, atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    length = tensors["prompt_embeds"].shape[1]
+    if length != plan.max_sequence_length:
+        raise ValueError(
+            f"encode returned {length} tokens per prompt, expected max_sequence_length={plan.max_sequence_length}"
+        )
+    if (
+        tensors["prompt_embeds"].dtype != plan.dtype
+    ):  # e.g. a GPU's bfloat16 planned, a CPU actor's float32 made
+        raise ValueError(
+            f"shard {number}: {tensors['prompt_embeds'].dtype} embeddings, the cache is {plan.dtype}"
+        )
+    count = len(plan.shard_prompts(number))
+    if tensors["prompt_embeds"].shape[0] != count:
+        raise ValueError(
+            f"shard {number}: {tensors['prompt_embeds'].shape[0]} embeddings for {count} prompts"
+        )
+    path = plan.shard_path(number)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "num_prompts": str(count)})
+    return path
+
+
+def finish_text_cache(plan: CachePlan) -> Path:
+    """Index and manifest of a plan whose every shard is written; the partial folder becomes the cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    if plan.todo:
+        raise RuntimeError(
+            f"{len(plan.todo)} of {plan.num_shards} shards are not written yet: {plan.partial}"
+        )
+    shapes: dict[str, dict[str, object]] = {}
+    with safe_open(str(plan.shard_path(0)), framework="pt", device="cpu") as shard:
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            tensor = shard.get_slice(name)
+            shapes[name] = {
+                "shape": list(tensor.get_shape()[1:]),
+                "dtype": dtype_name(_TORCH[tensor.get_dtype()]),
+            }
+    index_shard = [n for n in range(plan.num_shards) for _ in plan.shard_prompts(n)]
+    index_row = [r for n in range(plan.num_shards) for r in range(len(plan.shard_prompts(n)))]
+    index = pa.table(
+        {
+            "prompt": pa.array(plan.prompts, pa.string()),
+            "shard": pa.array(index_shard, pa.int32()),
+            "row": pa.array(index_row, pa.int32()),
+        }
+    )
+    pq.write_table(index, plan.partial / INDEX)
+    manifest = {
+        "format": FORMAT,
+        "model": plan.model,
+        "max_sequence_length": plan.max_sequence_length,
+        "dtype": dtype_name(plan.dtype),
+        "tensors": shapes,
+        "num_prompts": len(plan.prompts),
+        "shard_size": plan.shard_size,
+        "shards": [SHARD_NAME.format(n) for n in range(plan.num_shards)],
+        "sources": plan.sources,
+    }
+    (plan.partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for leftover in [plan.partial / PLAN, *plan.partial.glob(".*.tmp*")]:  # the request; killed writes' temps
+        leftover.unlink()
+    replace_folder(plan.partial, plan.out_dir)
+    return plan.out_dir
+
+
 def write_text_cache(
     encode: Callable[[list[str]], tuple[Tensor, Tensor]],
     prompts: Sequence[str],
@@ -117,78 +316,26 @@ def write_text_cache(
     shard_size: int = 256,
     batch_size: int = 32,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
-    """Embed `prompts` (deduplicated, in order) with `encode` and write a cache folder at `out_dir`, atomically.
+    """Embed `prompts` (deduplicated, in order) with `encode` in this process and write a cache folder at
+    `out_dir` (resumable: see CachePlan). leapalign.distributed.data_jobs does the same on Ray Data actors.
 
     encode(prompts) -> (prompt_embeds [B, L, D_t5], pooled_prompt_embeds [B, D_clip]): what
     FluxPipeline.encode_prompt returns for this model, max_sequence_length and dtype.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    check_cache_destination(out_dir, overwrite)
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size={shard_size}, batch_size={batch_size}: use >= 1")
-    unique = list(dict.fromkeys(prompts))
-    if not unique:
-        raise ValueError("no prompts to embed: give at least one prompt file with a non-empty line")
-    model = {"path": model_path, "revision": revision, **model_fingerprint(model_path, revision)}
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        shards, index_shard, index_row, shapes = [], [], [], {}
-        for start in range(0, len(unique), shard_size):
-            part = unique[start : start + shard_size]
-            embeds, pooled = [], []
-            for i in range(0, len(part), batch_size):
-                prompt_embeds, pooled_prompt_embeds = encode(part[i : i + batch_size])
-                embeds.append(prompt_embeds.detach().cpu())
-                pooled.append(pooled_prompt_embeds.detach().cpu())
-            tensors = {
-                "prompt_embeds": torch.cat(embeds).contiguous(),  # [n, L, D_t5]
-                "pooled_prompt_embeds": torch.cat(pooled).contiguous(),  # [n, D_clip]
-            }
-            for name, tensor in tensors.items():
-                shapes[name] = {"shape": list(tensor.shape[1:]), "dtype": dtype_name(tensor.dtype)}
-            if shapes["prompt_embeds"]["shape"][0] != max_sequence_length:
-                raise ValueError(
-                    f"encode returned {shapes['prompt_embeds']['shape'][0]} tokens per prompt, expected "
-                    f"max_sequence_length={max_sequence_length}"
-                )
-            name = f"shard-{len(shards):05d}.safetensors"
-            save_file(tensors, tmp / name, metadata={"format": FORMAT, "num_prompts": str(len(part))})
-            shards.append(name)
-            index_shard += [len(shards) - 1] * len(part)
-            index_row += list(range(len(part)))
-        index = pa.table(
-            {
-                "prompt": pa.array(unique, pa.string()),
-                "shard": pa.array(index_shard, pa.int32()),
-                "row": pa.array(index_row, pa.int32()),
-            }
-        )
-        pq.write_table(index, tmp / INDEX)
-        manifest = {
-            "format": FORMAT,
-            "model": model,
-            "max_sequence_length": max_sequence_length,
-            "dtype": dtype_name(dtype),
-            "tensors": shapes,
-            "num_prompts": len(unique),
-            "shard_size": shard_size,
-            "shards": shards,
-            "sources": list(sources),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        replace_folder(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use >= 1")
+    plan = plan_text_cache(
+        prompts, out_dir, model_path=model_path, revision=revision, max_sequence_length=max_sequence_length,
+        dtype=dtype, sources=sources, shard_size=shard_size, overwrite=overwrite,
+    )  # fmt: skip
+    open_partial(plan)
+    for number in tqdm(plan.todo, desc="embed", unit="shard", disable=not progress):
+        write_shard(plan, number, encode_shard(encode, plan.shard_prompts(number), batch_size))
+    return finish_text_cache(plan)
 
 
 def check_cache_destination(out_dir: Path, overwrite: bool) -> None:

@@ -224,3 +224,49 @@ def test_ray_job_submit_runs_a_sweep_on_the_token_cluster(token_head, tiny_flux_
     assert len(parents) == 1 and len(children) == 2, (
         f"one parent and a nested run per trial: {len(runs)} runs"
     )
+
+
+def test_ray_job_submit_embeds_and_evaluates_on_ray_data(token_head, tiny_flux_dir, tmp_path):
+    """`leapalign embed --actors 2` and `leapalign eval --actors 2` as jobs: their Ray Data actors run on the
+    job's cluster; the cache serves every prompt, the evaluation writes one table per weights and the summary."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from leapalign.data import load_prompts
+    from leapalign.text_cache import TextCache
+
+    address, env = token_head
+    prompts = "assets/prompts/demo.txt"  # shipped with the package: the job resolves it in its own install
+    cache = tmp_path / "cache"  # absolute: the job runs in an unpacked copy of the repo
+    actors = ["--actors", "2", "--cpus-per-actor", "0.5"]
+    embed = submit_job(
+        address, env, "embed-job", "embed", prompts, str(cache), "--model", str(tiny_flux_dir),
+        "--max-sequence-length", "16", "--shard-size", "3", *actors,
+    )  # fmt: skip
+    status = ray_cli("job", "status", "--address", address, "embed-job", env=env, timeout=60)
+    assert "Job 'embed-job' succeeded" in status.stdout, (
+        f"embed job: {embed.stdout[-3000:]}{embed.stderr[-2000:]}"
+    )
+    assert "3 shards encoded on 2 Ray Data actor(s)" in embed.stdout, f"embed job log: {embed.stdout[-2000:]}"
+    demo = load_prompts(prompts)
+    assert TextCache(cache).missing(demo) == [] and len(TextCache(cache)) == len(set(demo)), "cache coverage"
+
+    out = tmp_path / "eval"
+    overrides = tiny_overrides(tiny_flux_dir, tmp_path / "run", **{"sampler.eval_num_steps": 2,
+                                                                    "reward.cpus_per_replica": 0.5})  # fmt: skip
+    evaluate = submit_job(
+        address, env, "eval-job", "eval", "base", str(tiny_flux_dir / "transformer"), prompts,
+        "--config", str(REPO / "experiments" / "tiny_demo.yaml"), "--num-prompts", "3", "--out", str(out),
+        *actors, *overrides,
+    )  # fmt: skip
+    status = ray_cli("job", "status", "--address", address, "eval-job", env=env, timeout=60)
+    assert "Job 'eval-job' succeeded" in status.stdout, (
+        f"eval job: {evaluate.stdout[-3000:]}{evaluate.stderr[-2000:]}"
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["summary"]) == ["base", "transformer"], f"one summary per weights: {summary}"
+    base, same = (pq.read_table(out / name / "eval.parquet") for name in ("base", "transformer"))
+    assert base.num_rows == 3 and "reward/color_match" in base.column_names, f"eval table: {base.schema}"
+    # The tiny model's own transformer folder is the base model's transformer: the same table.
+    assert base.equals(same), "the base weights loaded from their folder give the base model's table"

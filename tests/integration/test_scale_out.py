@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -37,6 +38,9 @@ WEIGHT_ATOL = 1e-4
 LOCAL_REWARD = {"reward.serve": "false"}
 FULL = {"finetune.mode": "full", **LOCAL_REWARD}
 LORA = {"finetune.mode": "lora", **LOCAL_REWARD}
+# Held-out evaluation before the first update and after the last: 3 world prompts, one per sampling unit.
+HELD_OUT = {"eval.prompts": "assets/prompts/demo.txt", "eval.every": 100, "eval.every_num_prompts": 3,
+            "eval.batch_size": 1}  # fmt: skip
 GRPO = {"method.name": "grpo", "method.grpo.group_size": 2, "method.grpo.updates_per_rollout": 2}
 
 
@@ -91,7 +95,11 @@ def assert_same_weights(got: dict, want: dict, label: str) -> None:
 def test_two_workers_equal_one_process_with_the_combined_batch(
     ray_cluster, tiny_flux_dir, tmp_path, mode, extra, weights
 ):
+    """Also the held-out evaluation split across the 2 ranks (DDP and FSDP2): its per-image table at step 0
+    (base weights) equals the one process's bit for bit."""
     steps = 2
+    # 3 held-out units of 1 prompt: rank 0 samples 2, rank 1 one (plus a padding call under FSDP2).
+    extra = {**extra, **HELD_OUT}
     reference = single_process(
         tiny_flux_dir, tmp_path / "one", **{**extra, "train.iterations": steps, "train.batch_size": 2}
     )
@@ -112,7 +120,8 @@ def test_two_workers_equal_one_process_with_the_combined_batch(
     print(f"{mode}: 2 workers, {steps} steps in {time.monotonic() - started:.1f}s")
 
     assert result.metrics["step"] == steps, f"{mode}: last reported step {result.metrics}"
-    records = jsonl(tmp_path / "two" / "run" / "metrics.jsonl")
+    logged = jsonl(tmp_path / "two" / "run" / "metrics.jsonl")
+    records = [r for r in logged if r["step"] > 0]  # step 0: the base model's held-out evaluation
     for key in ("loss", "reward/mean", "grad_norm"):
         got, want = [r[key] for r in records], [m[key] for m in reference]
         # abs: GRPO's PPO loss is a mean of group-centred advantages, zero up to rounding in its first update
@@ -122,6 +131,13 @@ def test_two_workers_equal_one_process_with_the_combined_batch(
     got = weights_in(tmp_path / "two" / "run" / weights)
     want = weights_in(tmp_path / "one" / "run" / weights)
     assert_same_weights(got, want, mode)
+    split = pq.read_table(tmp_path / "two" / "run" / "heldout" / "step_000000.parquet")
+    whole = pq.read_table(tmp_path / "one" / "run" / "heldout" / "step_000000.parquet")
+    assert split.num_rows == 3 and split.equals(whole), (
+        f"{mode}: held-out results gathered from 2 ranks {split.to_pydict()} vs one process {whole.to_pydict()}"
+    )
+    evals = [r["step"] for r in logged if "eval/reward/color_match" in r]
+    assert evals == [0, steps], f"{mode}: held-out evaluations logged at steps {evals}, want 0 and {steps}"
 
     # The checkpoint is one DCP folder. FSDP2 saves every weight as 2 row shards (one per rank); DDP's
     # replicated weights are saved whole, once.

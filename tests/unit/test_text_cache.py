@@ -328,3 +328,19 @@ def test_a_hub_model_is_pinned_by_its_commit_and_never_loads_encoders(tiny_flux_
     assert result["text_encoder"] == "None" and result["equal"], (
         f"hub id + cache: no encoders, same embeds {result}"
     )
+
+
+@pytest.mark.parametrize("command", ["embed", "eval"])
+def test_a_bad_actor_pool_stops_before_anything_is_written(tiny_flux_dir, tmp_path, command):
+    """--actors 0 (or a negative CPU count): exit 2, one line, no partial folder, no cache, no Ray started."""
+    from leapalign.cli import main
+
+    out = tmp_path / "out"
+    args = {
+        "embed": ["embed", "assets/prompts/demo.txt", str(out), "--model", str(tiny_flux_dir)],
+        "eval": ["eval", "base", "assets/prompts/demo.txt", "--config", str(TINY_CONFIG), "--out", str(out),
+                 f"model.path={tiny_flux_dir}", "tracking.enabled=false"],
+    }[command]  # fmt: skip
+    assert main([*args, "--actors", "0"]) == 2, f"{command} --actors 0 must exit 2"
+    assert main([*args, "--actors", "1", "--cpus-per-actor", "-1"]) == 2, f"{command}: negative CPUs exit 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], f"nothing written: {list(tmp_path.iterdir())}"

@@ -585,7 +585,12 @@ def _run_compare(spec, out_dir: Path, *, restart: bool) -> Path:
             entries.append(
                 (label, seed, folder, error if record is None or record.status == "ERROR" else None)
             )
-    report = compare_report(spec, absolute_paths(spec.base), entries, out_dir / "report", chosen, tuning)
+    from leapalign.distributed.data_jobs import sample_report_grid_on_ray
+
+    report = compare_report(
+        spec, absolute_paths(spec.base), entries, out_dir / "report", chosen, tuning,
+        sample_grid=sample_report_grid_on_ray,
+    )  # fmt: skip
     parent.log_params({"compare.budget": json.dumps(spec.budget), "compare.seeds": str(spec.seeds),
                        "compare.runs": ", ".join(runs), "compare.metric": spec.metric,
                        "compare.reference": spec.reference, "compare.tuned": spec.tune is not None})  # fmt: skip
