@@ -83,7 +83,19 @@ def local_ray(**init_kwargs):
             assert ip == "127.0.0.1", f"Ray bound to {ip}, expected 127.0.0.1 only"
             yield context
         finally:
-            ray.shutdown()
+            shutdown_ray()
+
+
+def shutdown_ray() -> None:
+    """Ray down, and Serve's cached client forgotten: Serve keeps it per job id, and the first driver of
+    every fresh cluster has the same one, so a test process that starts another cluster later (xdist runs
+    several modules in one process) would ask the old cluster's Serve controller ("Can't find actor ... from
+    a different cluster")."""
+    import ray
+    from ray.serve.context import _set_global_client
+
+    _set_global_client(None)
+    ray.shutdown()
 
 
 def start_in_thread(fn, *args) -> tuple[threading.Thread, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from leapalign.distributed.ray_train import run_on_ray
-from tests.conftest import start_in_thread
+from tests.conftest import shutdown_ray, start_in_thread
 from tests.integration.test_ray_train import tiny_cfg
 from tests.integration.test_scale_out import LORA, LOSS_RTOL, jsonl, single_process
 
@@ -50,7 +50,7 @@ def two_nodes():
         try:
             yield cluster, worker_node
         finally:
-            ray.shutdown()
+            shutdown_ray()
             cluster.shutdown()
 
 
