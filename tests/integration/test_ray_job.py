@@ -253,8 +253,9 @@ def test_ray_job_submit_embeds_and_evaluates_on_ray_data(token_head, tiny_flux_d
     assert TextCache(cache).missing(demo) == [] and len(TextCache(cache)) == len(set(demo)), "cache coverage"
 
     out = tmp_path / "eval"
+    # The reward built in each actor (served rewards on Ray Data: tests/integration/test_data_jobs.py).
     overrides = tiny_overrides(tiny_flux_dir, tmp_path / "run", **{"sampler.eval_num_steps": 2,
-                                                                    "reward.cpus_per_replica": 0.5})  # fmt: skip
+                                                                    "reward.serve": "false"})  # fmt: skip
     evaluate = submit_job(
         address, env, "eval-job", "eval", "base", str(tiny_flux_dir / "transformer"), prompts,
         "--config", str(REPO / "experiments" / "tiny_demo.yaml"), "--num-prompts", "3", "--out", str(out),
