@@ -69,8 +69,11 @@ def local_ray(**init_kwargs):
     import ray
     import ray._private.ray_constants as ray_constants
 
+    from leapalign.distributed.ray_train import PREEMPTION_WATCHER_ENV
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setenv(PREEMPTION_WATCHER_ENV, "0")  # as connect_ray's private clusters: no node to lose
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         try:
             context = ray.init(address="local", num_cpus=2, include_dashboard=False, **init_kwargs)

@@ -305,6 +305,10 @@ def connect_ray(cfg: Config) -> bool:
         # 127.0.0.1 only. The constant is read at import, so it is set for this process and its children.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
+        # Train V2 starts a node-preemption watcher (one more process) with every worker group; a private
+        # cluster on this machine has no node to lose to preemption. Read by the Train controller, which
+        # inherits this process's environment through the raylet.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         # The dashboard (127.0.0.1 only) serves the State API that Train V2's placement-group cleaner polls;
         # without it the cleaner logs a warning every few seconds.
         ray.init(
@@ -319,6 +323,8 @@ def connect_ray(cfg: Config) -> bool:
     quiet_ray_console()
     return True
 
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 # Console lines of Ray's that a user of this command cannot act on; they stay in Ray's log files.
 RAY_NOISE = (
