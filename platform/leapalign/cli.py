@@ -462,16 +462,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from leapalign.preflight import USER_ERRORS  # after parsing: `--help` stays quick (no torch)
+    from leapalign.preflight import USER_ERRORS, JobFailed  # after parsing: `--help` stays quick (no torch)
 
     try:
         return args.func(args)
     except USER_ERRORS as err:
         print(f"leapalign: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if type(err).__name__ != "DataJobError":  # an actor's failure in `embed` / `eval --actors`: one line
-            raise
+    except JobFailed as err:  # an actor's failure in `embed` / `eval --actors`: one line
         print(f"leapalign: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # a local run stopped by Ctrl-C says where it stopped (train.py)

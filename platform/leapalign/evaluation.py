@@ -291,9 +291,10 @@ class HeldOutEvaluator:
         calls = -(-len(units) // self.world_size) if self.lockstep else len(mine)
         noise = noise_set(self.cfg.eval.prompts)
         results: dict[int, dict[str, list]] = {}
-        for k in [*mine, *[mine[-1] if mine else 0] * (calls - len(mine))]:
+        padding = [mine[-1] if mine else 0] * (calls - len(mine))
+        for call, k in enumerate([*mine, *padding]):
             images = sample_unit(policy, self.cfg, prompts, units[k], noise)
-            if k in mine:  # a padding call's results are the same unit's again: not kept twice
+            if call < len(mine):  # a padding call only keeps the ranks' forwards in step: not scored
                 unit_prompts = [prompts[i] for i in units[k].indices]
                 results[k] = score_unit(images, unit_prompts, world=self.world, rewards=self.rewards)
         self.last_share = len(mine)

@@ -22,6 +22,11 @@ from leapalign.tracking import check_tracking_uri
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
+class JobFailed(RuntimeError):
+    """A job's worker failed (e.g. a Ray Data actor of `embed` / `eval --actors`): the command says it in one
+    line and exits 1 (not 2: the input was fine)."""
+
+
 def preflight(cfg: Config, *, run_folder: bool = True) -> None:
     """The model folder, the prompt files, the reward, the run folder, the text cache, the tracking server.
 

@@ -55,12 +55,6 @@ FORMAT = "leapalign-text-cache/1"
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 MANIFEST, INDEX, PLAN, SHARD_NAME = "manifest.json", "index.parquet", "plan.json", "shard-{:05d}.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_TORCH = {
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "F16": torch.float16,
-}  # safetensors
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 # (real path, size, mtime_ns) -> sha256: a process reads a model file once, whoever asks.
 _file_digests: dict[tuple[str, int, int], str] = {}
@@ -218,8 +212,6 @@ def encode_shard(
 ) -> dict[str, Tensor]:
     """One shard's tensors: prompt_embeds [n, L, D_t5], pooled_prompt_embeds [n, D_clip], encoded
     `batch_size` prompts per call (the batches are the same whoever encodes the shard)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use >= 1")
     embeds, pooled = [], []
     for i in range(0, len(prompts), batch_size):
         prompt_embeds, pooled_prompt_embeds = encode(list(prompts[i : i + batch_size]))
@@ -240,12 +232,9 @@ def write_shard(plan: CachePlan, number: int, tensors: dict[str, Tensor]) -> Pat
         raise ValueError(
             f"encode returned {length} tokens per prompt, expected max_sequence_length={plan.max_sequence_length}"
         )
-    if (
-        tensors["prompt_embeds"].dtype != plan.dtype
-    ):  # e.g. a GPU's bfloat16 planned, a CPU actor's float32 made
-        raise ValueError(
-            f"shard {number}: {tensors['prompt_embeds'].dtype} embeddings, the cache is {plan.dtype}"
-        )
+    for name, tensor in tensors.items():  # e.g. a GPU's bfloat16 planned, a CPU actor's float32 made
+        if tensor.dtype != plan.dtype:
+            raise ValueError(f"shard {number}: {name} is {tensor.dtype}, the cache is {plan.dtype}")
     count = len(plan.shard_prompts(number))
     if tensors["prompt_embeds"].shape[0] != count:
         raise ValueError(
@@ -271,10 +260,8 @@ def finish_text_cache(plan: CachePlan) -> Path:
     with safe_open(str(plan.shard_path(0)), framework="pt", device="cpu") as shard:
         for name in ("prompt_embeds", "pooled_prompt_embeds"):
             tensor = shard.get_slice(name)
-            shapes[name] = {
-                "shape": list(tensor.get_shape()[1:]),
-                "dtype": dtype_name(_TORCH[tensor.get_dtype()]),
-            }
+            # every shard is the plan's dtype (write_shard): the header gives the shape
+            shapes[name] = {"shape": list(tensor.get_shape()[1:]), "dtype": dtype_name(plan.dtype)}
     index_shard = [n for n in range(plan.num_shards) for _ in plan.shard_prompts(n)]
     index_row = [r for n in range(plan.num_shards) for r in range(len(plan.shard_prompts(n)))]
     index = pa.table(

@@ -48,6 +48,7 @@ from leapalign.distributed.reward_service import (
     reward_service_resources,
 )
 from leapalign.numerics import process_env
+from leapalign.preflight import JobFailed
 from leapalign.text_cache import CachePlan, encode_shard, finish_text_cache, open_partial, write_shard
 
 log = logging.getLogger("leapalign")
@@ -57,7 +58,7 @@ log = logging.getLogger("leapalign")
 FAULT_EMBED_SHARD_ENV = "LEAPALIGN_FAULT_EMBED_SHARD"
 
 
-class DataJobError(RuntimeError):
+class DataJobError(JobFailed):
     """An actor's failure, said in one line (Ray's own report stays in its session logs)."""
 
 
@@ -123,6 +124,18 @@ def _torch_threads(cfg: Config, resources: ActorResources) -> int:
     return cfg.train.torch_threads or max(1, int(np.ceil(resources.cpus)))
 
 
+def _on_actor_pool(
+    cfg: Config, resources: ActorResources, items: list[dict], actor: type, **kwargs: Any
+) -> ray.data.Dataset:
+    """One row per item, one row per call, mapped by a pool of `actor`s built with (cfg, threads, **kwargs)."""
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        actor,
+        batch_size=1,
+        fn_constructor_kwargs={"cfg": cfg, "threads": _torch_threads(cfg, resources), **kwargs},
+        **resources.remote_args(cfg.train.cpu_isa),
+    )
+
+
 # ----------------------------------------------------------------------------- embed
 
 
@@ -179,17 +192,8 @@ def run_embed_job(
         try:
             open_partial(plan)  # the first write: after every check, the cluster's included
             items = [{"shard": n} for n in todo]
-            shards = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _Encoder,
-                batch_size=1,
-                fn_constructor_kwargs={
-                    "cfg": cfg,
-                    "plan": plan,
-                    "batch_size": batch_size,
-                    "threads": _torch_threads(cfg, resources),
-                    "fault": fault,
-                },  # fmt: skip
-                **resources.remote_args(cfg.train.cpu_isa),
+            shards = _on_actor_pool(
+                cfg, resources, items, _Encoder, plan=plan, batch_size=batch_size, fault=fault
             )
             done = plan.num_shards - len(todo)
             bar = tqdm(total=plan.num_shards, initial=done, desc="embed", unit="shard", disable=not progress)
@@ -300,17 +304,7 @@ def run_eval_job(
     try:
         rewards, deployed = metric_reward_configs(cfg, plan.metrics)
         items = [{"weights": w, "unit": k} for w in range(len(plan.weights)) for k in range(len(units))]
-        rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _Sampler,
-            batch_size=1,
-            fn_constructor_kwargs={
-                "cfg": cfg,
-                "plan": plan,
-                "rewards": rewards,
-                "threads": _torch_threads(cfg, resources),
-            },  # fmt: skip
-            **resources.remote_args(cfg.train.cpu_isa),
-        )
+        rows = _on_actor_pool(cfg, resources, items, _Sampler, plan=plan, rewards=rewards)
         total = len(plan.weights) * sum(len(u.indices) for u in units)
         found: dict[tuple[int, int], tuple[bytes, dict[str, list]]] = {}
         started = time.perf_counter()
