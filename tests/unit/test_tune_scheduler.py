@@ -49,3 +49,25 @@ def test_a_restarted_asha_stops_what_the_uninterrupted_one_stops(tmp_path):
     assert fresh.on_trial_result(None, bad, {"step": 2, "score": 0.1}) == TrialScheduler.CONTINUE, (
         "the test needs a case that only the saved rungs decide"
     )
+
+
+def test_a_trial_stopped_before_the_kill_stays_stopped_when_tune_resumes_it(tmp_path):
+    """The driver may die between ASHA's STOP and Tune acting on it; Tune then resumes the trial from its
+    checkpoint, and it reports the rung it was cut at (or a later step) again."""
+    state = tmp_path / "asha_state.pkl"
+    good, bad = FakeTrial("good"), FakeTrial("bad")
+    before = make(state)
+    for trial in (good, bad):
+        before.on_trial_add(None, trial)
+    before.on_trial_result(None, good, {"step": 2, "score": 1.0})
+    assert before.on_trial_result(None, bad, {"step": 2, "score": 0.1}) == TrialScheduler.STOP, (
+        "cut at rung 2"
+    )
+    after = make(state)
+    for step in (2, 3, 4):
+        assert after.on_trial_result(None, bad, {"step": step, "score": 5.0}) == TrialScheduler.STOP, (
+            f"the resumed trial, cut before the kill, is stopped again at step {step}"
+        )
+    assert after.on_trial_result(None, good, {"step": 3, "score": 1.0}) == TrialScheduler.CONTINUE, (
+        "a trial that was not cut goes on"
+    )

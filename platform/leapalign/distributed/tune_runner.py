@@ -32,7 +32,7 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from leapalign.config import Config, with_overrides
 from leapalign.distributed.ray_train import (
@@ -267,12 +267,15 @@ class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive a killed sweep: Tune restores the searcher but hands a resumed experiment
     the scheduler as it was pickled at the start, with empty rungs, so the trials left after a resume
     would be compared only among themselves (or run to the end unchallenged). This one writes its state
-    after every event that changes it and reads it back on its first event after a restart."""
+    after every event that changes it and reads it back on its first event after a restart. It also
+    remembers whom it stopped: a driver killed between ASHA's STOP and Tune acting on it resumes that trial
+    from its checkpoint, and Ray's rungs, which already hold its value, would let it run on."""
 
     def __init__(self, state_path: Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._state_path = str(state_path)
         self._restored = False
+        self._stopped: set[str] = set()
 
     def _load_once(self) -> None:
         if not self._restored:
@@ -292,7 +295,11 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load_once()
+        if trial.trial_id in self._stopped:
+            return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+            self._stopped.add(trial.trial_id)  # cut at a rung (not the normal end at max_t)
         self._save()
         return decision
 
