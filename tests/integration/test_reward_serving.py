@@ -211,33 +211,37 @@ def replica_actors(app: str) -> dict[str, object]:
 def test_killed_replica_is_replaced_and_training_continues_on_two_replicas(
     serving_cluster, tiny_flux_dir, tmp_path
 ):
-    """The real training loop on the tiny Flux, its reward served by two replicas; the replica holding a
-    request (a 3 s batch window keeps it there, long enough for the kill on a loaded machine) is killed: Serve replaces it, the request is sent again,
-    every step is applied, and two replicas served the run (the killed one held one of its requests)."""
+    """The real training loop on the tiny Flux, its reward served by two replicas; after the first step a
+    request is held by its replica (tests.integration.broken_rewards.HoldOnce) and that replica is killed:
+    Serve replaces it, the request is sent again, every step is applied, and two replicas served the run
+    (the killed one held one of its requests)."""
     from leapalign.train import train
 
-    cfg = ensure_reward_service(reward_cfg(**{"reward.replicas": 2, "reward.batch_wait_ms": 3000}))
+    marker = tmp_path / "held"
+    hold = {
+        "reward.name": "tests.integration.broken_rewards:HoldOnce",
+        "reward.options": {"marker": str(marker)},
+    }
+    cfg = ensure_reward_service(reward_cfg(**{"reward.replicas": 2, **hold}))
     app = cfg.reward.app
     try:
         assert len(replica_actors(app)) == 2, f"two replicas of {app}"
         reward_fn = make_reward_fn(cfg.reward)
         killed: list[str] = []
 
-        def kill_the_busy_replica() -> None:
+        def kill_the_holding_replica() -> None:
             deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not reward_fn.replicas_seen:  # the first step's answers
+                time.sleep(0.02)
+            Path(f"{marker}.armed").touch()  # the next request is held where it lands
             while time.monotonic() < deadline and not killed:
-                if reward_fn.replicas_seen:  # the first step is done; kill the replica serving the next
-                    for replica, actor in replica_actors(app).items():
-                        try:
-                            if ray.get(actor.get_num_ongoing_requests.remote(), timeout=10) > 0:
-                                ray.kill(actor, no_restart=True)
-                                killed.append(replica)
-                                return
-                        except ray.exceptions.RayError:
-                            continue
+                holder = marker.read_text() if marker.is_file() else ""
+                if holder:
+                    ray.kill(replica_actors(app)[holder], no_restart=True)
+                    killed.append(holder)
                 time.sleep(0.02)
 
-        killer = threading.Thread(target=kill_the_busy_replica)
+        killer = threading.Thread(target=kill_the_holding_replica)
         killer.start()
         train_cfg = load_config(
             TINY_CONFIG,
