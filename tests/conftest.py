@@ -43,6 +43,33 @@ def tiny_flux_dir(tmp_path_factory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
 
 
+def leapalign_main(*args: str, cwd: Path = REPO) -> tuple[int, str]:
+    """(exit code, what it printed to stderr) of `leapalign ARGS` run through the command's own entry
+    (`leapalign.cli.main`, what the console script calls) in this test process, from `cwd`. For commands that
+    need no process of their own (refusals, short one-process runs): a child's imports alone take seconds.
+    The process-wide settings a command makes (working folder, torch threads) are restored."""
+    import contextlib
+    import io
+
+    import torch
+
+    from leapalign.cli import main
+
+    err = io.StringIO()
+    before, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's refusals
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(before)
+        torch.set_num_threads(threads)
+    return code, err.getvalue()
+
+
 def tiny_overrides(model_dir: Path, out_dir: Path, **extra) -> list[str]:
     """key=value overrides that point experiments/tiny_demo.yaml at test folders, MLflow off."""
     values = {
@@ -69,11 +96,12 @@ def local_ray(**init_kwargs):
     import ray
     import ray._private.ray_constants as ray_constants
 
-    from leapalign.distributed.ray_train import PREEMPTION_WATCHER_ENV
+    from leapalign.distributed.ray_train import PREEMPTION_WATCHER_ENV, PRIVATE_CLUSTER_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         mp.setenv(PREEMPTION_WATCHER_ENV, "0")  # as connect_ray's private clusters: no node to lose
+        mp.setenv(PRIVATE_CLUSTER_ENV, "1")  # and no placement-group cleaner (it has no dashboard to poll)
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         try:
             context = ray.init(address="local", num_cpus=2, include_dashboard=False, **init_kwargs)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, leapalign_main
 
 ITERATIONS = 6
 
@@ -59,7 +59,7 @@ def sweep_spec(tiny_flux_dir: Path, tmp: Path, **extra) -> Path:
             "optim.lr": {"loguniform": [1e-3, 3e-2]},
         },
         "searcher": "random",
-        "num_samples": 4,
+        "num_samples": 3,
         "metric": "eval/reward/color_match",
         "mode": "max",
         "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
@@ -192,7 +192,7 @@ def test_killed_asha_sweep_resumes_with_nested_runs_and_a_reproducible_best_conf
     assert len(parents) == 1 and parents[0].info.run_name == "tiny_sweep", (
         f"one parent run, reused: {parents}"
     )
-    assert len(children) == 4, f"one nested run per trial, no duplicates: got {len(children)}"
+    assert len(children) == 3, f"one nested run per trial, no duplicates: got {len(children)}"
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children), "nesting"
     steps = {}
     for child in children:
@@ -222,7 +222,7 @@ def test_killed_asha_sweep_resumes_with_nested_runs_and_a_reproducible_best_conf
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "report" / "results.parquet").to_pylist()
-    assert len(table) == 4 and len({row["trial_id"] for row in table}) == 4, "every trial once in the table"
+    assert len(table) == 3 and len({row["trial_id"] for row in table}) == 3, "every trial once in the table"
     for row in table:
         stopped = last_steps[row["trial_id"]] < ITERATIONS
         assert row["stopped_early"] == stopped, f"the table marks the stopped trials: {row}"
@@ -335,7 +335,9 @@ def budget_reached(total: float, budget: float) -> bool:
         ("test split", {}, "is the reported test split"),
     ],
 )
-def test_bad_sweep_specs_fail_before_any_trial(tiny_flux_dir, tmp_path, case, change, message):
+def test_bad_sweep_specs_fail_before_any_trial(
+    tiny_flux_dir, tmp_path, capsys, monkeypatch, case, change, message
+):
     spec_path = sweep_spec(tiny_flux_dir, tmp_path)
     spec = yaml.safe_load(spec_path.read_text())
     spec.update(change)
@@ -345,9 +347,9 @@ def test_bad_sweep_specs_fail_before_any_trial(tiny_flux_dir, tmp_path, case, ch
         spec["overrides"]["eval.prompts"] = "assets/prompts/world/eval.parquet"
     write_spec(spec_path, spec)
     out = tmp_path / "sweep"
-    proc = leapalign("sweep", str(spec_path), "--out", str(out), timeout=120)
-    assert proc.returncode == 2, f"{case}: exit {proc.returncode}: {proc.stderr[-800:]}"
-    assert message in proc.stderr and "Traceback" not in proc.stderr, f"{case}: {proc.stderr[-800:]}"
+    code, stderr = leapalign_main("sweep", str(spec_path), "--out", str(out))
+    assert code == 2, f"{case}: exit {code}: {stderr[-800:]}"
+    assert message in stderr and "Traceback" not in stderr, f"{case}: {stderr[-800:]}"
     assert not out.exists() and not (tmp_path / "mlflow.db").exists(), f"{case}: nothing may be written"
 
 
@@ -364,7 +366,9 @@ def test_bad_sweep_specs_fail_before_any_trial(tiny_flux_dir, tmp_path, case, ch
         ("no prompts", {"overrides": {"train.prompts": "EMPTY"}}, "holds no prompts"),
     ],
 )
-def test_bad_compare_specs_fail_before_anything(tiny_flux_dir, tmp_path, case, change, message):
+def test_bad_compare_specs_fail_before_anything(
+    tiny_flux_dir, tmp_path, capsys, monkeypatch, case, change, message
+):
     spec = {
         "name": "bad",
         "base": str(REPO / "experiments" / "tiny_demo.yaml"),
@@ -382,9 +386,8 @@ def test_bad_compare_specs_fail_before_anything(tiny_flux_dir, tmp_path, case, c
         change = {"overrides": {**spec["overrides"], "train.prompts": str(empty)}}
     spec.update(change)
     out = tmp_path / "compare"
-    proc = leapalign(
-        "compare", str(write_spec(tmp_path / "compare.yaml", spec)), "--out", str(out), timeout=120
-    )
-    assert proc.returncode == 2, f"{case}: exit {proc.returncode}: {proc.stderr[-800:]}"
-    assert message in proc.stderr and "Traceback" not in proc.stderr, f"{case}: {proc.stderr[-800:]}"
+    spec_path = write_spec(tmp_path / "compare.yaml", spec)
+    code, stderr = leapalign_main("compare", str(spec_path), "--out", str(out))
+    assert code == 2, f"{case}: exit {code}: {stderr[-800:]}"
+    assert message in stderr and "Traceback" not in stderr, f"{case}: {stderr[-800:]}"
     assert not out.exists() and not (tmp_path / "mlflow.db").exists(), f"{case}: nothing may be written"

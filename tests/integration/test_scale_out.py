@@ -111,7 +111,8 @@ def test_two_workers_equal_one_process_with_the_combined_batch(
             "train.iterations": steps,
             "train.batch_size": 1,
             "ray.num_workers": 2,
-            "train.checkpoint_every": steps,
+            "train.checkpoint_every": 1,
+            "train.keep_checkpoints": steps,
             "tracking.enabled": "false",
         },
     )
@@ -139,12 +140,21 @@ def test_two_workers_equal_one_process_with_the_combined_batch(
     evals = [r["step"] for r in logged if "eval/reward/color_match" in r]
     assert evals == [0, steps], f"{mode}: held-out evaluations logged at steps {evals}, want 0 and {steps}"
 
-    # The checkpoint is one DCP folder. FSDP2 saves every weight as 2 row shards (one per rank); DDP's
-    # replicated weights are saved whole, once.
+    # Each checkpoint is one DCP folder holding the weights, the optimizer state and the EMA, with the train
+    # state of the 2-rank run. FSDP2 saves every weight as 2 row shards (one per rank); DDP's replicated
+    # weights are saved whole, once.
     import torch.distributed.checkpoint as dcp
 
     folder = Path(result.checkpoint_path)
-    assert (folder / ".metadata").is_file() and (folder / "train_state.pt").is_file(), f"{folder} incomplete"
+    assert folder.name == f"checkpoint_{steps:06d}", f"{mode}: newest checkpoint {folder}"
+    for step in range(1, steps + 1):
+        kept = folder.parent / f"checkpoint_{step:06d}"
+        assert (kept / ".metadata").is_file(), f"{mode}: {kept} is not a DCP checkpoint"
+        state = torch.load(kept / "train_state.pt", weights_only=True)
+        assert state["step"] == step and state["world_size"] == 2, f"{kept}: train state {state}"
+        keys = dcp.FileSystemReader(str(kept)).read_metadata().state_dict_metadata
+        for prefix in ("model.", "optim.state.", "ema."):
+            assert any(k.startswith(prefix) for k in keys), f"{kept}: no {prefix}* tensors in the checkpoint"
     metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     chunks = [len(v.chunks) for k, v in metadata.items() if k.startswith("model.") and hasattr(v, "chunks")]
     assert chunks, f"{folder}: no weights in the checkpoint"

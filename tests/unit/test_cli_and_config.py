@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from leapalign.config import ConfigError, flatten_config, load_config, with_overrides
-from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+from tests.conftest import REPO, TINY_CONFIG, leapalign_main, tiny_overrides
 
 # Measured once on this code (CPU, fp32, seed 0, train.cpu_isa=avx2: the same AVX2 kernels on every x86-64
 # CPU) and pinned: any change to the math, the random streams or the defaults shows up here. The first loss
@@ -58,24 +58,26 @@ def test_two_step_cli_run_gives_exact_losses(tiny_flux_dir, tmp_path):
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tiny_flux_dir, tmp_path, case, extra, message):
     out = tmp_path / "run"
-    proc = run_cli("train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out), *extra)
-    assert proc.returncode == 2, f"{case}: exit code {proc.returncode}, stderr {proc.stderr[-500:]}"
-    assert message in proc.stderr, f"{case}: message should contain {message!r}, got {proc.stderr[-500:]!r}"
-    assert "Traceback" not in proc.stderr, f"{case}: a user error must not print a traceback"
+    code, stderr = leapalign_main("train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out), *extra)
+    assert code == 2, f"{case}: exit code {code}, stderr {stderr[-500:]}"
+    assert message in stderr, f"{case}: message should contain {message!r}, got {stderr[-500:]!r}"
+    assert "Traceback" not in stderr, f"{case}: a user error must not print a traceback"
     assert not out.exists(), f"{case}: the run folder must not be created"
 
 
 def test_malformed_yaml_and_empty_prompts(tiny_flux_dir, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model:\n  path: [unclosed\n")
-    proc = run_cli("train", str(bad_yaml))
-    assert proc.returncode == 2 and "not valid YAML" in proc.stderr, f"malformed YAML: {proc.stderr[-500:]}"
+    code, stderr = leapalign_main("train", str(bad_yaml))
+    assert code == 2 and "not valid YAML" in stderr, f"malformed YAML: {stderr[-500:]}"
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     out = tmp_path / "run"
-    proc = run_cli("train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out), f"train.prompts={empty}")
-    assert proc.returncode == 2 and "holds no prompts" in proc.stderr, f"empty prompts: {proc.stderr[-500:]}"
+    code, stderr = leapalign_main(
+        "train", str(TINY_CONFIG), *tiny_overrides(tiny_flux_dir, out), f"train.prompts={empty}"
+    )
+    assert code == 2 and "holds no prompts" in stderr, f"empty prompts: {stderr[-500:]}"
     assert not out.exists(), "no run folder for an empty prompt file"
 
 

@@ -4,15 +4,13 @@ are never silently replaced, the compute budget, held-out evaluation during trai
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from leapalign.config import load_config
 from leapalign.methods import update_nfe_range
 from leapalign.train import train
-from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+from tests.conftest import TINY_CONFIG, leapalign_main, tiny_overrides
 
 FAST = {"sampler.eval_num_steps": 2, "train.num_samples": 1}
 
@@ -23,12 +21,6 @@ def cfg_for(tiny_flux_dir, out_dir, **extra):
 
 def jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "leapalign", *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
 
 
 # DiffusionNFT's old policy and AWM's EMA policy are weight copies in the checkpoint: with a fast decay ramp
@@ -74,10 +66,12 @@ def test_cli_resume_continues_one_mlflow_run(tiny_flux_dir, tmp_path):
         "train.checkpoint_every=1",
         *(f"{k}={v}" for k, v in FAST.items()),
     ]
-    proc = run_cli("train", str(TINY_CONFIG), *common, "train.iterations=2")
-    assert proc.returncode == 0, proc.stderr[-1500:]
-    proc = run_cli("train", str(TINY_CONFIG), *common, "train.iterations=3", "train.resume=true")
-    assert proc.returncode == 0, proc.stderr[-1500:]
+    code, stderr = leapalign_main("train", str(TINY_CONFIG), *common, "train.iterations=2")
+    assert code == 0, stderr[-1500:]
+    code, stderr = leapalign_main(
+        "train", str(TINY_CONFIG), *common, "train.iterations=3", "train.resume=true"
+    )
+    assert code == 0, stderr[-1500:]
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{db}")
@@ -91,17 +85,15 @@ def test_an_existing_run_folder_is_refused_then_replaced_on_request(tiny_flux_di
     out = tmp_path / "run"
     base = [*tiny_overrides(tiny_flux_dir, out), "ray.enabled=false", "train.iterations=1"]
     base += [f"{k}={v}" for k, v in FAST.items()]
-    assert run_cli("train", str(TINY_CONFIG), *base).returncode == 0
+    assert leapalign_main("train", str(TINY_CONFIG), *base)[0] == 0
     (out / "notes.txt").write_text("mine")
     before = (out / "metrics.jsonl").read_text()
-    proc = run_cli("train", str(TINY_CONFIG), *base)
-    assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr[-800:]
-    assert "train.resume=true" in proc.stderr and "train.overwrite=true" in proc.stderr, (
-        "the message says how"
-    )
+    code, stderr = leapalign_main("train", str(TINY_CONFIG), *base)
+    assert code == 2 and "already holds a run" in stderr, stderr[-800:]
+    assert "train.resume=true" in stderr and "train.overwrite=true" in stderr, "the message says how"
     assert (out / "metrics.jsonl").read_text() == before, "a refused run must not touch the old one"
-    proc = run_cli("train", str(TINY_CONFIG), *base, "train.overwrite=true", "train.seed=5")
-    assert proc.returncode == 0, proc.stderr[-800:]
+    code, stderr = leapalign_main("train", str(TINY_CONFIG), *base, "train.overwrite=true", "train.seed=5")
+    assert code == 0, stderr[-800:]
     assert (out / "notes.txt").read_text() == "mine", "overwrite removes the run's files only"
     assert load_config(out / "config.yaml").train.seed == 5, "the new run replaced the old one"
 

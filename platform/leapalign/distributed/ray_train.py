@@ -144,7 +144,7 @@ def run_on_ray(
         tracker = open_tracker(cfg, record, parent_run_id=parent_run_id)
         storage.write_record({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri})
         progress = RunProgress.remote() if show_progress else None
-        trainer = TorchTrainer(
+        trainer = LeanTorchTrainer(
             train_worker,
             train_loop_config={"cfg": cfg, "run_id": tracker.run_id, "progress": progress},
             # CPU tensors (the all-ranks-step vote) go through gloo, CUDA gradients through NCCL.
@@ -309,12 +309,12 @@ def connect_ray(cfg: Config) -> bool:
         # cluster on this machine has no node to lose to preemption. Read by the Train controller, which
         # inherits this process's environment through the raylet.
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-        # The dashboard (127.0.0.1 only) serves the State API that Train V2's placement-group cleaner polls;
-        # without it the cleaner logs a warning every few seconds.
+        os.environ[PRIVATE_CLUSTER_ENV] = "1"
+        # No dashboard: its one use here was the State API that Train V2's placement-group cleaner polls,
+        # and a private cluster's runs start no cleaner (LeanTorchTrainer). Saves its processes' start.
         ray.init(
             address="local",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
+            include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
@@ -325,6 +325,30 @@ def connect_ray(cfg: Config) -> bool:
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Set ("1") by connect_ray before it starts a private cluster, so the cluster's processes (Tune trials too)
+# inherit it: nothing outlives this machine's driver there (LeanTorchTrainer).
+PRIVATE_CLUSTER_ENV = "LEAPALIGN_PRIVATE_CLUSTER"
+
+
+class LeanTorchTrainer(TorchTrainer):
+    """TorchTrainer without two helper actors that every Train V2 run starts (each a process: about 1.5-2 s
+    of CPU on a small machine, bench/README.md) and that this platform's runs have no use for:
+
+    - the dataset manager, which shards Ray Data datasets for the workers: runs pass no datasets;
+    - on a private cluster, the detached placement-group cleaner, which watches the controller (polling the
+      dashboard's State API) to remove its placement groups should it die: the whole cluster dies with the
+      driver, and a trial that ASHA stops has its placement groups removed by the sweep
+      (tune_runner.ReleaseStoppedWorkers).
+
+    Selected by class name from Ray's default callbacks (a private method of the trainer): should a Ray
+    release rename them, the run keeps them and works as before."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        unused = set() if self.datasets else {"DatasetsCallback"}
+        if os.environ.get(PRIVATE_CLUSTER_ENV) == "1":
+            unused.add("PlacementGroupCleanerCallback")
+        return [callback for callback in callbacks if type(callback).__name__ not in unused]
 
 # Console lines of Ray's that a user of this command cannot act on; they stay in Ray's log files.
 RAY_NOISE = (
