@@ -350,6 +350,7 @@ class LeanTorchTrainer(TorchTrainer):
             unused.add("PlacementGroupCleanerCallback")
         return [callback for callback in callbacks if type(callback).__name__ not in unused]
 
+
 # Console lines of Ray's that a user of this command cannot act on; they stay in Ray's log files.
 RAY_NOISE = (
     "Token authentication is enabled for this Ray cluster",  # our private cluster sets it up itself
