@@ -155,8 +155,8 @@ def asha_replay(out: Path, last_steps: dict[str, int]) -> dict[str, int]:
 def test_killed_asha_sweep_resumes_with_nested_runs_and_a_reproducible_best_config(tiny_flux_dir, tmp_path):
     """One sweep, killed (driver and its private cluster) once Tune has recorded a finished trial, then run
     again: finished trials are not rerun, each trial is one nested MLflow run with each step once, ASHA
-    cut exactly the trials its rule cuts (replayed over the kill), the results table and plots are written, and the exported best config
-    trained again without Ray reproduces its trial's metric."""
+    cut exactly the trials its rule cuts (replayed over the kill), the results table and plots are
+    written, and the exported best config trained again without Ray reproduces its trial's metric."""
     spec = sweep_spec(tiny_flux_dir, tmp_path)
     # One trial at a time: the trials reach ASHA's rungs in a fixed order. Which of them are cut still
     # depends on the machine's numerics (and on none at all where the values happen to rise), so the test
