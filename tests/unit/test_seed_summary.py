@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from leapalign.reports import format_seed_summary, seed_summary
-from tests.conftest import REPO
+from tests.conftest import REPO, leapalign_main
 
 AFTER = [0.30, 0.20, 0.25, 0.35, 0.40]  # overall, per seed
 
@@ -61,15 +61,10 @@ def test_bad_run_folders_fail_clearly(tmp_path, case):
         (dirs[2] / "eval.json").write_text(json.dumps(data))
     elif case == "one":
         dirs = dirs[:1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "leapalign", "seeds", *map(str, dirs), "--json", str(tmp_path / "s.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    code, stderr = leapalign_main("seeds", *map(str, dirs), "--json", str(tmp_path / "s.json"))
     expected = {"missing": "eval.json is missing", "corrupt": "is not a run's eval.json",
                 "nan": "non-finite score", "one": "at least two run folders"}[case]  # fmt: skip
-    assert proc.returncode == 2 and expected in proc.stderr, (
-        f"{case}: rc {proc.returncode}, {proc.stderr[-500:]}"
-    )
+    assert code == 2 and expected in stderr, f"{case}: rc {code}, {stderr[-500:]}"
     assert not (tmp_path / "s.json").exists(), "nothing written on bad input"
 
 
