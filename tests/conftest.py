@@ -43,6 +43,15 @@ def tiny_flux_dir(tmp_path_factory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def leapalign_main(*args: str, cwd: Path = REPO) -> tuple[int, str]:
     """(exit code, what it printed to stderr) of `leapalign ARGS` run through the command's own entry
     (`leapalign.cli.main`, what the console script calls) in this test process, from `cwd`. For commands that

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from leapalign.reports import read_metrics
 from tests.conftest import REPO, leapalign_main
 
 ITERATIONS = 6
@@ -113,16 +114,12 @@ def trial_folders(out: Path) -> list[str]:
 
 def eval_curve(folder: Path) -> dict[int, float]:
     """The trial's held-out metric by step, from its metrics.jsonl (ASHA's input)."""
-    curve = {}
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "eval/reward/color_match" in record:
-            curve[record["step"]] = record["eval/reward/color_match"]
-    return curve
+    metric = "eval/reward/color_match"
+    return {record["step"]: record[metric] for record in read_metrics(folder) if metric in record}
 
 
 def last_step(folder: Path) -> int:
-    return max(json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines())
+    return max(record["step"] for record in read_metrics(folder))
 
 
 def asha_replay(out: Path, last_steps: dict[str, int]) -> dict[str, int]:

@@ -11,10 +11,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from leapalign.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, leapalign_main
 
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 # The first update, before any optimizer step: what every x86-64 machine reproduces with train.cpu_isa=avx2
@@ -85,9 +83,9 @@ def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
         ("empty", "no prompts"),
     ],
 )
-def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, capsys, content, message):
-    """The command's own entry (`leapalign.cli.main`, what the console script calls) in this process: the
-    checks run before torch, Ray or MLflow do anything, so no child process is needed to see them."""
+def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, content, message):
+    """The command's own entry in this process (tests.conftest.leapalign_main): the checks run before torch,
+    Ray or MLflow do anything, so no child process is needed to see them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -101,15 +99,8 @@ def test_bad_prompt_files_fail_before_anything_is_written(tmp_path, capsys, cont
     else:
         pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), bad)
     out, db = tmp_path / "run", tmp_path / "mlflow.db"
-    threads = torch.get_num_threads()  # the command sets train.torch_threads for its process: restored
-    try:
-        for key in ("train.prompts", "eval.prompts"):
-            code = main(quickstart_args(out, db, f"{key}={bad}"))
-            stderr = capsys.readouterr().err
-            assert code == 2, f"{key}: exit {code}: {stderr[-800:]}"
-            assert message in stderr, f"{key}: expected {message!r} in {stderr[-800:]!r}"
-            assert not out.exists() and not db.exists(), (
-                f"{key}: nothing may be written for a bad prompt file"
-            )
-    finally:
-        torch.set_num_threads(threads)
+    for key in ("train.prompts", "eval.prompts"):
+        code, stderr = leapalign_main(*quickstart_args(out, db, f"{key}={bad}"))
+        assert code == 2, f"{key}: exit {code}: {stderr[-800:]}"
+        assert message in stderr, f"{key}: expected {message!r} in {stderr[-800:]!r}"
+        assert not out.exists() and not db.exists(), f"{key}: nothing may be written for a bad prompt file"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from leapalign.evaluation import HeldOutEvaluator
 from leapalign.models.flux import FluxPolicy
 from leapalign.parallel import LocalContext, Parallel, TorchDistContext
 from leapalign.rewards.base import build_reward
-from tests.conftest import TINY_CONFIG, tiny_overrides
+from tests.conftest import TINY_CONFIG, free_port, tiny_overrides
 
 # 3 world prompts, one per sampling unit: an odd count for 2 ranks.
 HELD_OUT = {"eval.prompts": "assets/prompts/demo.txt", "eval.every": 1, "eval.every_num_prompts": 3,
@@ -47,12 +46,6 @@ def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
         Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_held_out_evaluation_split_over_two_ranks_equals_one_rank(tiny_flux_dir, tmp_path):

@@ -22,7 +22,7 @@ from leapalign.finetune import setup_policy
 from leapalign.models.flux import FluxPolicy
 from leapalign.text_cache import TextCache, TextCacheError, write_text_cache
 from leapalign.train import train
-from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+from tests.conftest import REPO, TINY_CONFIG, leapalign_main, tiny_overrides
 
 LENGTH = 16  # experiments/tiny_demo.yaml: model.max_sequence_length
 FAST = {"sampler.eval_num_steps": 2, "train.num_samples": 1}
@@ -333,14 +333,14 @@ def test_a_hub_model_is_pinned_by_its_commit_and_never_loads_encoders(tiny_flux_
 @pytest.mark.parametrize("command", ["embed", "eval"])
 def test_a_bad_actor_pool_stops_before_anything_is_written(tiny_flux_dir, tmp_path, command):
     """--actors 0 (or a negative CPU count): exit 2, one line, no partial folder, no cache, no Ray started."""
-    from leapalign.cli import main
-
     out = tmp_path / "out"
     args = {
         "embed": ["embed", "assets/prompts/demo.txt", str(out), "--model", str(tiny_flux_dir)],
         "eval": ["eval", "base", "assets/prompts/demo.txt", "--config", str(TINY_CONFIG), "--out", str(out),
                  f"model.path={tiny_flux_dir}", "tracking.enabled=false"],
     }[command]  # fmt: skip
-    assert main([*args, "--actors", "0"]) == 2, f"{command} --actors 0 must exit 2"
-    assert main([*args, "--actors", "1", "--cpus-per-actor", "-1"]) == 2, f"{command}: negative CPUs exit 2"
+    assert leapalign_main(*args, "--actors", "0")[0] == 2, f"{command} --actors 0 must exit 2"
+    assert leapalign_main(*args, "--actors", "1", "--cpus-per-actor", "-1")[0] == 2, (
+        f"{command}: negative CPUs exit 2"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [], f"nothing written: {list(tmp_path.iterdir())}"

@@ -41,7 +41,7 @@ import ray.exceptions
 from tqdm.auto import tqdm
 
 from leapalign.config import Config, with_overrides
-from leapalign.distributed.ray_train import absolute_paths, connect_ray
+from leapalign.distributed.ray_train import absolute_paths, connect_ray, wants_private_cluster
 from leapalign.distributed.reward_service import (
     ensure_reward_service,
     make_reward_fn,
@@ -99,7 +99,7 @@ def _start(cfg: Config, resources: ActorResources, served: dict[str, float] | No
     private one, which never grows; Ray Data's own bars off (ours counts shards or images). True when this
     call connected (and must disconnect)."""
     connected = connect_ray(cfg)
-    private = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    private = wants_private_cluster(cfg)
     total = ray.cluster_resources()
     for kind, each in (("CPU", resources.cpus), ("GPU", resources.gpus)):
         need = resources.actors * each + (served or {}).get(kind, 0.0)
@@ -295,10 +295,10 @@ def run_eval_job(
         plan, rewards={}, weights=[w if w == "base" else str(Path(w).resolve()) for w in plan.weights]
     )
     units = plan.units(cfg)
-    rewards = [name for name in plan.metrics if name != "world"]
+    reward_metrics = [name for name in plan.metrics if name != "world"]
     served = {"CPU": 0.0, "GPU": 0.0}
     if cfg.reward.serve and cfg.ray.enabled:  # each reward metric: its own deployment (reward.* sizes it)
-        served = {kind: len(rewards) * each for kind, each in reward_service_resources(cfg).items()}
+        served = {kind: len(reward_metrics) * each for kind, each in reward_service_resources(cfg).items()}
     connected = _start(cfg, resources, served)
     deployed: list[str] = []
     try:

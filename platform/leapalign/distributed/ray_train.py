@@ -131,9 +131,7 @@ def run_on_ray(
     connected = connect_ray(cfg)
     tracker: Tracker = NullTracker()
     try:
-        check_cluster(
-            cfg, private=connected and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
-        )
+        check_cluster(cfg, private=connected and wants_private_cluster(cfg))
         # The reward on Ray Serve (reward.serve, default on this path): deployed now, or found running (a
         # sweep's driver deploys it once for all trials). A private cluster takes it down with it; on a shared
         # one it stays for the next run (python -m reward_servers.serve --stop APP to remove it).
@@ -288,6 +286,12 @@ def fault_injection_env() -> dict[str, str]:
     return {k: os.environ[k] for k in (FAULT_STEP_ENV, FAULT_RANK_ENV, FAULT_MARKER_ENV) if k in os.environ}
 
 
+def wants_private_cluster(cfg: Config) -> bool:
+    """No cluster named (ray.address) and none given by `ray job submit` (RAY_ADDRESS): connect_ray starts a
+    private one on this machine, unless this process is connected already."""
+    return cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+
+
 def connect_ray(cfg: Config) -> bool:
     """Join or start a Ray cluster; True when this call did (and must disconnect), False when reusing one.
 
@@ -297,7 +301,7 @@ def connect_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     quiet_ray_console()
-    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+    if wants_private_cluster(cfg):
         import ray._private.ray_constants as ray_constants
 
         # On Linux Ray binds a node to the host's routable address, even when given 127.0.0.1, unless it
