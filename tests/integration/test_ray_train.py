@@ -183,57 +183,57 @@ def test_bad_ray_input_fails_before_any_work(tiny_flux_dir, tmp_path, case):
     assert not storage.exists(), f"{case}: nothing written to ray.storage_path"
 
 
-def test_a_stopped_trials_workers_are_released_without_the_dashboard(ray_cluster):
-    """What a sweep does when ASHA kills a trial: the workers' placement group they report is removed
-    (this cluster runs no dashboard, so Ray Train's own cleaner cannot do it), and its CPUs come back."""
+def test_a_dead_controllers_workers_are_released_without_the_dashboard(ray_cluster):
+    """What a sweep does when ASHA kills a trial, or a controller dies while its trial ends: the placement
+    group that a dead actor created is removed (this cluster runs no dashboard, so Ray Train's own cleaner
+    cannot do it) and its CPUs come back; the driver's groups (Tune's) and a live controller's are kept."""
     import ray
-    from ray.util.placement_group import placement_group, placement_group_table
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
-    from leapalign.distributed.ray_train import CONTROLLER_KEY, PLACEMENT_GROUP_KEY, worker_group_id
-    from leapalign.distributed.tune_runner import ReleaseStoppedWorkers
+    from leapalign.distributed.tune_runner import ReleaseOrphanedWorkers
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start_group(self) -> str:
+            group = placement_group([{"CPU": 0.25}])
+            ray.get(group.ready(), timeout=60)
+            return group.id.hex()
 
     free_before = ray.available_resources().get("CPU", 0.0)
-    group = placement_group([{"CPU": 0.5}])
-    ray.get(group.ready(), timeout=60)
-    reported = ray.get(
-        ray.remote(num_cpus=0.5)(worker_group_id)
-        .options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group))
-        .remote(),
-        timeout=60,
-    )
-    assert reported == group.id.hex(), f"a worker names its placement group: {reported} vs {group.id.hex()}"
-    assert ray.get(ray.remote(num_cpus=0)(worker_group_id).remote(), timeout=60) is None, "outside a group"
+    drivers = placement_group([{"CPU": 0.25}])
+    ray.get(drivers.ready(), timeout=60)
+    live, dead = Controller.remote(), Controller.remote()
+    live_group, dead_group = ray.get([live.start_group.remote(), dead.start_group.remote()], timeout=60)
+    ray.kill(dead)
 
-    class Trial:
-        trial_id = "t0"
+    def state(group_hex: str) -> str:
+        return placement_group_table(PlacementGroup(PlacementGroupID.from_hex(group_hex)))["state"]
 
-    # The trial's Train controller still lives when the trial ends: removing the group then would only
-    # make it start a new one. The group goes once the controller is dead.
-    controller = ray.remote(num_cpus=0)(type("Controller", (), {"ping": lambda self: 1})).remote()
-    assert ray.get(controller.ping.remote(), timeout=60) == 1
-    callback = ReleaseStoppedWorkers()
-    callback.on_trial_result(
-        0, [], Trial(), {"step": 1, PLACEMENT_GROUP_KEY: reported, CONTROLLER_KEY: controller._actor_id.hex()}
-    )
-    callback.on_trial_complete(0, [], Trial())
-    callback.on_step_begin(0, [])
-    assert placement_group_table(group)["state"] == "CREATED", "kept while the trial's controller lives"
-    ray.kill(controller)
-    for _ in range(100):  # bounded: Tune calls on_step_begin on every loop of its event loop
+    callback = ReleaseOrphanedWorkers()
+    for _ in range(100):  # bounded: the kill reaches the GCS asynchronously; Tune calls this every loop
         callback.on_step_begin(0, [])
-        if not callback.pending:
+        if state(dead_group) == "REMOVED":
             break
         time.sleep(0.1)
-    callback.on_trial_complete(0, [], Trial())  # twice (ASHA stop, then the end): harmless
+    assert state(dead_group) == "REMOVED", "the dead controller's group is removed"
+    callback.on_trial_complete(0, [], None)
     callback.on_experiment_end([])
-    state = "?"
-    for _ in range(100):  # bounded: removal is asynchronous
-        state = placement_group_table(group)["state"]
-        if state == "REMOVED" and ray.available_resources().get("CPU", 0.0) >= free_before - 1e-6:
+    assert state(live_group) == "CREATED", "a live controller's group is kept"
+    assert placement_group_table(drivers)["state"] == "CREATED", "the driver's own group (Tune's) is kept"
+    ray.kill(live)
+    for _ in range(100):
+        callback.release()
+        if state(live_group) == "REMOVED":
             break
         time.sleep(0.1)
-    assert state == "REMOVED", f"the stopped trial's group is removed, got {state}"
+    assert state(live_group) == "REMOVED", "and removed once its controller is dead"
+    ray.util.remove_placement_group(drivers)
+    free_after = 0.0
+    for _ in range(100):  # bounded: removal is asynchronous
+        free_after = ray.available_resources().get("CPU", 0.0)
+        if free_after >= free_before - 1e-6:
+            break
+        time.sleep(0.1)
     # >=: an earlier test's workers may still be handing their CPUs back while this one runs.
-    free_after = ray.available_resources().get("CPU", 0.0)
-    assert free_after >= free_before - 1e-6, f"its CPUs are free again: {free_after} vs {free_before} before"
+    assert free_after >= free_before - 1e-6, f"the CPUs are free again: {free_after} vs {free_before} before"

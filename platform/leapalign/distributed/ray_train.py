@@ -77,13 +77,6 @@ FAULT_RANK_ENV = "LEAPALIGN_FAULT_RANK"
 FAULT_MARKER_ENV = "LEAPALIGN_FAULT_MARKER"
 FAULT_GRACE_S = 3.0  # seconds between the injected fault's decision and the exit
 
-# Reported beside the metrics: the placement group (hex id) of the run's workers and their Train
-# controller (actor id). A Tune scheduler that stops a trial kills its controller mid-run, and Ray Train's
-# own cleaner of the orphaned group needs the dashboard's State API; the sweep driver releases the group
-# by these ids instead, once the controller is gone (tune_runner.ReleaseStoppedWorkers).
-PLACEMENT_GROUP_KEY = "ray/placement_group"
-CONTROLLER_KEY = "ray/train_controller"
-RUN_IDENTITY_KEYS = (PLACEMENT_GROUP_KEY, CONTROLLER_KEY)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -176,7 +169,7 @@ def run_on_ray(
             ray.shutdown()
     tracker.end("FINISHED")
     return RayRunResult(
-        metrics={k: v for k, v in (result.metrics or {}).items() if k not in RUN_IDENTITY_KEYS},
+        metrics=dict(result.metrics or {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         run_dir=storage.uri,
         output_dir=Path(cfg.train.output_dir),
@@ -341,8 +334,7 @@ class LeanTorchTrainer(TorchTrainer):
     - the dataset manager, which shards Ray Data datasets for the workers: runs pass no datasets;
     - on a private cluster, the detached placement-group cleaner, which watches the controller (polling the
       dashboard's State API) to remove its placement groups should it die: the whole cluster dies with the
-      driver, and a trial that ASHA stops has its placement groups removed by the sweep
-      (tune_runner.ReleaseStoppedWorkers).
+      driver, and a sweep removes the groups of dead controllers itself (tune_runner.ReleaseOrphanedWorkers).
 
     Selected by class name from Ray's default callbacks (a private method of the trainer): should a Ray
     release rename them, the run keeps them and works as before."""
@@ -465,67 +457,38 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker=tracker,
             dist=dist,
             resume_from=resume_from,
-            on_step_end=checkpoint_hook(cfg, dist, worker_nodes, run_identity(), progress),
+            on_step_end=checkpoint_hook(cfg, dist, worker_nodes, progress),
             device=str(get_device()),
             progress=False,
         )
-
-
-def worker_group_id() -> str | None:
-    """The placement group holding this run's workers (hex), or None outside one."""
-    group = ray.util.get_current_placement_group()
-    return group.id.hex() if group is not None else None
-
-
-def run_identity() -> dict[str, str]:
-    """What a sweep needs to free this run's workers itself: their placement group and Train controller."""
-    identity = {}
-    group = worker_group_id()
-    if group:
-        identity[PLACEMENT_GROUP_KEY] = group
-    try:  # Ray Train's internal context: the one place a worker can see its controller
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        identity[CONTROLLER_KEY] = get_train_context().controller_actor._actor_id.hex()
-    except Exception:  # outside Ray Train, or another Ray version: the group alone is released
-        pass
-    return identity
 
 
 def checkpoint_hook(
     cfg: Config,
     dist: TorchDistContext,
     worker_nodes: list[str | None],
-    identity: dict[str, str] | None = None,
     progress=None,
 ) -> StepHook:
     """train()'s on_step_end: rank 0's step to the driver's bar every step; reports to Ray only where they
     matter: at checkpoints (every train.checkpoint_every steps and the last), at held-out evaluations (what
-    a Tune scheduler ranks), and at the first step this worker group runs (the run's identity, below).
+    a Tune scheduler ranks).
 
     ray.train.report costs a step: Train V2 keeps one unconsumed report per worker and its controller
     polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), so reporting every step held each step until the
     poll (measured: 1.55 s of a 2.0 s step on the quickstart). It is also a barrier: every rank calls it at
     the same steps (StepEnd's fields are the same on every rank), each with its own folder (its DCP shards;
     rank 0 also .metadata, train_state.pt, meta.json), merged by Ray into one checkpoint_<step> folder.
-    Each report names the workers' placement group and controller (RUN_IDENTITY_KEYS), which a sweep
-    releases itself when it stops the trial (tune_runner.ReleaseStoppedWorkers).
     """
-    tag = dict(identity or {})
-    first = True
 
     def on_step_end(end: StepEnd) -> None:
-        nonlocal first
         step = end.step
         if dist.is_main and progress is not None:
             progress.update.remote(step, step_headline(end.metrics))  # fire-and-forget
         checkpoint_due = step % cfg.train.checkpoint_every == 0 or end.final
-        report_due = checkpoint_due or end.evaluated or first
-        first = False
         if not checkpoint_due:
             maybe_inject_fault(step, dist.rank)
-            if report_due:
-                ray.train.report({"step": step, **end.metrics, **tag})
+            if end.evaluated:
+                ray.train.report({"step": step, **end.metrics})
             return
         with tempfile.TemporaryDirectory(prefix="leapalign-ckpt-", ignore_cleanup_errors=True) as tmp:
             end.save(Path(tmp))  # DCP: every rank its shards (a collective)
@@ -534,7 +497,7 @@ def checkpoint_hook(
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta))
             maybe_inject_fault(step, dist.rank)
             ray.train.report(
-                {"step": step, **end.metrics, **tag},
+                {"step": step, **end.metrics},
                 checkpoint=Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{step:06d}",
             )

@@ -36,9 +36,6 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from leapalign.config import Config, with_overrides
 from leapalign.distributed.ray_train import (
-    CONTROLLER_KEY,
-    PLACEMENT_GROUP_KEY,
-    RUN_IDENTITY_KEYS,
     RunStorage,
     absolute_paths,
     connect_ray,
@@ -128,80 +125,69 @@ def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
     return max(1, min(fits))
 
 
-class ReleaseStoppedWorkers(tune.Callback):
-    """Frees the workers' placement group of every trial that ends, stopped by the scheduler included.
+class ReleaseOrphanedWorkers(tune.Callback):
+    """Frees every worker placement group whose Train controller is dead, so the next trials get its CPUs.
 
-    A trial that ASHA stops is killed with its Train controller, whose worker placement group outlives
-    it; Ray Train's cleaner finds such groups through the dashboard's State API, and where that API does
-    not answer the CPUs stay reserved and the next trials wait forever. The workers report their group
-    and controller (RUN_IDENTITY_KEYS) with every step. Once the trial has ended and its controller is
-    dead (read from the GCS actor table, no dashboard), the group is removed: removing it while the
-    controller still lives would only make the controller start a new group, which would then leak.
+    A group outlives its controller in two ways: ASHA stops a trial by killing it with its controller
+    mid-run, and a controller killed while its trial ends can have just started a retry group (seen on a
+    loaded machine: the trial's function returned, the controller's worker died with it, the failure
+    policy asked for a new group, and the controller was gone). Such groups live until the job ends, and
+    the next trial waits on their CPUs for ever. Ray Train's own cleaner (one detached actor per run)
+    finds them through the dashboard's State API, which private clusters run without
+    (ray_train.LeanTorchTrainer leaves it out there). Here the driver reads the GCS tables itself (no
+    dashboard): a group of this job, not detached, whose creating actor is dead, is removed. The driver's
+    own groups (Tune's trial bundles) have no creating actor; a live controller's group is kept.
     """
 
-    GRACE_S = 120.0  # a controller not seen dead by then: remove anyway (it belongs to a finished trial)
+    EVERY_S = 1.0  # between scans from Tune's event loop (a scan reads two small GCS tables)
 
     def __init__(self) -> None:
-        self.groups: dict[str, set[str]] = {}
-        self.controllers: dict[str, str] = {}
-        self.pending: dict[str, float] = {}  # trial id -> when to give up waiting for its controller
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result.get(PLACEMENT_GROUP_KEY):
-            self.groups.setdefault(trial.trial_id, set()).add(result[PLACEMENT_GROUP_KEY])
-        if result.get(CONTROLLER_KEY):
-            self.controllers[trial.trial_id] = result[CONTROLLER_KEY]
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.pending.setdefault(trial.trial_id, time.monotonic() + self.GRACE_S)
-        self.release_finished()
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.on_trial_complete(iteration, trials, trial)
+        self.next_scan = 0.0
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        self.release_finished()
+        if time.monotonic() >= self.next_scan:
+            self.release()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.release()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.release()
 
     def on_experiment_end(self, trials, **info) -> None:
-        deadline = (
-            time.monotonic() + 30.0
-        )  # bounded: the trials are over, their controllers end within seconds
-        while self.pending and time.monotonic() < deadline:
-            self.release_finished()
-            if self.pending:
-                time.sleep(0.2)
-        for trial_id in list(self.pending):
-            self.release(trial_id)
+        self.release()
 
-    def release_finished(self) -> None:
-        now = time.monotonic()
-        for trial_id, give_up_at in list(self.pending.items()):
-            if now >= give_up_at or not controller_alive(self.controllers.get(trial_id)):
-                self.release(trial_id)
-
-    def release(self, trial_id: str) -> None:
+    def release(self) -> None:
         from ray._raylet import PlacementGroupID
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-        self.pending.pop(trial_id, None)
-        self.controllers.pop(trial_id, None)
-        for group in self.groups.pop(trial_id, ()):
+        self.next_scan = time.monotonic() + self.EVERY_S
+        for group in orphaned_groups():
             try:
                 remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
-            except Exception as err:  # already removed by Ray Train: nothing held
-                log.debug("placement group %s of trial %s: %s", group, trial_id, err)
+                log.debug("removed placement group %s: its controller is dead", group)
+            except Exception as err:  # removed meanwhile (by Ray Train): nothing held
+                log.debug("placement group %s: %s", group, err)
 
 
-def controller_alive(actor_id: str | None) -> bool:
-    """Whether a Train controller still lives, from the GCS actor table (no dashboard needed)."""
-    if not actor_id:
-        return False
-    try:
-        from ray._private.state import actors
+def orphaned_groups() -> list[str]:
+    """This job's placement groups (hex ids), not detached and not removed, whose creating actor is dead."""
+    from ray._private.state import actors, state
+    from ray.core.generated import gcs_pb2
 
-        return actors(actor_id=actor_id).get("State") not in ("DEAD", None)
-    except Exception:  # the table cannot say: treat it as gone (the group is what holds the CPUs)
-        return False
+    job = ray.get_runtime_context().get_job_id()
+    removed = gcs_pb2.PlacementGroupTableData.REMOVED
+    orphans = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        creator = ray.ActorID(group.creator_actor_id)
+        if group.state == removed or group.is_detached or creator.is_nil() or group.creator_job_id.hex() != job:
+            continue
+        # The GCS marks creator_actor_dead when the creator dies, but not on a group that a dying creator
+        # registers after that: ask the actor table too.
+        if group.creator_actor_dead or actors(actor_id=creator.hex()).get("State") in ("DEAD", None):
+            orphans.append(group.placement_group_id.hex())
+    return orphans
 
 
 class TrialsBar(tune.Callback):
@@ -399,7 +385,7 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
                     storage_path=str(tune_path),
                     failure_config=tune.FailureConfig(max_failures=0),
                     callbacks=[
-                        ReleaseStoppedWorkers(),
+                        ReleaseOrphanedWorkers(),
                         TrialsBar(count_trials(plan), f"{plan.kind} {plan.name}"),
                     ],
                     verbose=0,
@@ -411,8 +397,6 @@ def run_trials(plan: TrialPlan, *, restart: bool = False) -> tuple[list[TrialRec
         for result in grid:
             params = dict(result.config or {})
             metrics = dict(result.metrics or {})
-            for key in RUN_IDENTITY_KEYS:
-                metrics.pop(key, None)
             trial_id = trial_ids.get(result.path) or metrics["trial_id"]
             records.append(
                 TrialRecord(
