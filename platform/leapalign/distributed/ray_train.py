@@ -78,7 +78,6 @@ FAULT_MARKER_ENV = "LEAPALIGN_FAULT_MARKER"
 FAULT_GRACE_S = 3.0  # seconds between the injected fault's decision and the exit
 
 
-
 # ----------------------------------------------------------------------------- driver
 
 

@@ -181,7 +181,8 @@ def orphaned_groups() -> list[str]:
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         group = gcs_pb2.PlacementGroupTableData.FromString(raw)
         creator = ray.ActorID(group.creator_actor_id)
-        if group.state == removed or group.is_detached or creator.is_nil() or group.creator_job_id.hex() != job:
+        ours = group.creator_job_id.hex() == job and not group.is_detached and not creator.is_nil()
+        if not ours or group.state == removed:
             continue
         # The GCS marks creator_actor_dead when the creator dies, but not on a group that a dying creator
         # registers after that: ask the actor table too.
