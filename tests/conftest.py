@@ -37,6 +37,15 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: -seconds(item))  # stable: the rest keep their order
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Under xdist's loadgroup (scripts/test.sh) a grouped test's id carries its group; without it xdist
+    splits the module, and its module-scoped Ray cluster, over both processes (seen with pytest 9.2)."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group"):
+        if "@" not in item.nodeid:
+            pytest.fail(f"xdist group lost from {item.nodeid}: pytest/xdist versions (pyproject.toml)")
+
+
 def _quiet() -> None:
     from diffusers.utils import logging as dl
     from transformers.utils import logging as tl
