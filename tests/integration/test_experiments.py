@@ -234,9 +234,9 @@ def test_killed_asha_sweep_resumes_with_nested_runs_and_a_reproducible_best_conf
 
     # The exported best config, trained again (no Ray, same seed), reproduces its trial's metric.
     best_row = json.loads(proc.stdout.split("best trial: ", 1)[1].splitlines()[0])
-    again = leapalign("train", str(out / "best.yaml"), "ray.enabled=false", "tracking.enabled=false",
-                      f"train.output_dir={tmp_path / 'again'}")  # fmt: skip
-    assert again.returncode == 0, again.stderr[-2000:]
+    code, err = leapalign_main("train", str(out / "best.yaml"), "ray.enabled=false", "tracking.enabled=false",
+                               f"train.output_dir={tmp_path / 'again'}")  # fmt: skip
+    assert code == 0, err[-2000:]
     records = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
     final = [r["eval/reward/color_match"] for r in records if "eval/reward/color_match" in r][-1]
     assert final == pytest.approx(best_row["final/eval/reward/color_match"], rel=1e-6, abs=1e-7), (
