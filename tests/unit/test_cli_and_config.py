@@ -29,8 +29,8 @@ def test_two_step_cli_run_gives_exact_losses(tiny_flux_dir, tmp_path):
     out = tmp_path / "run"
     # One process: the Ray path gives the same numbers (tests/integration/test_ray_train.py).
     overrides = tiny_overrides(tiny_flux_dir, out, **{"train.iterations": 2, "ray.enabled": "false"})
-    proc = run_cli("train", str(TINY_CONFIG), *overrides)
-    assert proc.returncode == 0, f"CLI failed: {proc.stderr[-2000:]}"
+    code, err = leapalign_main("train", str(TINY_CONFIG), *overrides)
+    assert code == 0, f"CLI failed: {err[-2000:]}"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
     assert [r["step"] for r in records] == [1, 2], f"steps logged: {[r['step'] for r in records]}"

@@ -236,8 +236,8 @@ def test_embed_command_writes_shards_atomically(tiny_flux_dir, tmp_path, demo_pr
         "--shard-size",
         "4",
     ]
-    proc = run_cli("embed", *args)
-    assert proc.returncode == 0, proc.stderr[-800:]
+    code, err = leapalign_main("embed", *args)
+    assert code == 0, err[-800:]
     unique = list(dict.fromkeys([*demo_prompts, *EXTRA]))
     manifest = json.loads((out / "manifest.json").read_text())
     shards = sorted(p.name for p in out.glob("shard-*.safetensors"))
@@ -251,13 +251,13 @@ def test_embed_command_writes_shards_atomically(tiny_flux_dir, tmp_path, demo_pr
     assert TextCache(out).missing(unique) == [], "every prompt of the config and the extra file is indexed"
     assert sorted(p.name for p in out.parent.iterdir()) == ["text"], "no temp folder left beside the cache"
     before = (out / "manifest.json").read_text()
-    again = run_cli("embed", *args)
-    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-800:]
+    code, err = leapalign_main("embed", *args)
+    assert code == 2 and "--overwrite" in err, err[-800:]
     assert (out / "manifest.json").read_text() == before, "a refused embed leaves the cache as it was"
-    missing = run_cli(
+    code, err = leapalign_main(
         "embed", str(tmp_path / "nope.txt"), str(tmp_path / "other"), "--model", str(tiny_flux_dir)
     )
-    assert missing.returncode == 2 and "nope.txt" in missing.stderr, missing.stderr[-800:]
+    assert code == 2 and "nope.txt" in err, err[-800:]
     assert not (tmp_path / "other").exists(), "nothing written for a missing prompt file"
 
 
