@@ -18,6 +18,5 @@ export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=300
 # One token for every Ray cluster the tests start (none is written to ~/.ray: two test processes would race).
 export RAY_AUTH_TOKEN="${RAY_AUTH_TOKEN:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(32))')}"
 # Two test processes: tests one by one, except that a module with a module-scoped Ray cluster stays in one
-# process (its xdist_group); the slowest first (tests/conftest.py orders them by their `slow` marks), and
-# listed at the end.
-exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 "$@"
+# process (its xdist_group); the slowest tests are listed at the end.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@"

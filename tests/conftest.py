@@ -25,18 +25,6 @@ for _key, _value in {
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """The slowest work first, by the `slow` marker's seconds (a module's mark covers its xdist group): the
-    two test processes of scripts/test.sh then end together instead of one finishing a long test alone.
-    xdist hands out work in this order there (--no-loadscope-reorder)."""
-
-    def seconds(item) -> float:
-        mark = item.get_closest_marker("slow")
-        return float(mark.args[0]) if mark and mark.args else 0.0
-
-    items.sort(key=lambda item: -seconds(item))  # stable: the rest keep their order
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
     """Under xdist's loadgroup (scripts/test.sh) a grouped test's id carries its group; without it xdist

@@ -39,7 +39,7 @@ from tests.conftest import TINY_CONFIG, local_ray, tiny_overrides
 from tests.unit.test_text_cache import EXTRA, LENGTH, build_cache
 
 # One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
-pytestmark = [pytest.mark.xdist_group("test_data_jobs"), pytest.mark.slow(90)]
+pytestmark = pytest.mark.xdist_group("test_data_jobs")
 
 HALF_CPU = 0.5  # per actor: two actors and a reward replica fit the 2-CPU cluster
 

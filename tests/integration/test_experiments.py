@@ -149,7 +149,6 @@ def asha_replay(out: Path, last_steps: dict[str, int]) -> dict[str, int]:
     return stop_at
 
 
-@pytest.mark.slow(130)
 def test_killed_asha_sweep_resumes_with_nested_runs_and_a_reproducible_best_config(tiny_flux_dir, tmp_path):
     """One sweep, killed (driver and its private cluster) once Tune has recorded a finished trial, then run
     again: finished trials are not rerun, each trial is one nested MLflow run with each step once, ASHA
@@ -244,7 +243,6 @@ def test_killed_asha_sweep_resumes_with_nested_runs_and_a_reproducible_best_conf
     )
 
 
-@pytest.mark.slow(100)
 def test_tuned_compare_end_to_end(tiny_flux_dir, tmp_path):
     """Tune each method on the validation prompts, run the chosen configs on the test prompts, report."""
     spec = {

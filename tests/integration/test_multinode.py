@@ -21,7 +21,7 @@ from tests.integration.test_ray_train import tiny_cfg
 from tests.integration.test_scale_out import LORA, LOSS_RTOL, jsonl, single_process
 
 # One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
-pytestmark = [pytest.mark.xdist_group("test_multinode"), pytest.mark.slow(35)]
+pytestmark = pytest.mark.xdist_group("test_multinode")
 
 SPREAD = {**LORA, "ray.num_workers": 2, "train.batch_size": 1, "ray.placement": "SPREAD"}
 

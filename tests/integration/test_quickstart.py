@@ -35,7 +35,6 @@ def run_quickstart(out_dir, db, *extra):
     )  # fmt: skip
 
 
-@pytest.mark.slow(55)
 def test_same_seed_same_numbers_and_evaluation_logged(tmp_path):
     """The same quickstart in one process and on the Ray path (its default: a Ray Train worker, the reward on
     a Serve deployment, the base model evaluated while Ray starts): the same numbers."""

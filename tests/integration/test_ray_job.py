@@ -26,7 +26,7 @@ from tests.conftest import REPO, free_port, tiny_overrides
 from tests.unit.test_cli_and_config import EXPECTED_TWO_STEP_LOSSES
 
 # One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
-pytestmark = [pytest.mark.xdist_group("test_ray_job"), pytest.mark.slow(140)]
+pytestmark = pytest.mark.xdist_group("test_ray_job")
 
 VENV_BIN = Path(sys.executable).parent
 

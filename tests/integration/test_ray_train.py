@@ -23,7 +23,7 @@ from leapalign.train import train
 from tests.conftest import REPO, TINY_CONFIG, local_ray, tiny_overrides
 
 # One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
-pytestmark = [pytest.mark.xdist_group("test_ray_train"), pytest.mark.slow(80)]
+pytestmark = pytest.mark.xdist_group("test_ray_train")
 
 BASELINE_STEPS = 6
 # Smaller sample grids (they never touch the training draws) and half a CPU per worker (2 cores).

@@ -35,7 +35,7 @@ from leapalign.rewards.configured import CheckedReward, WeightedSum, build_confi
 from tests.conftest import TINY_CONFIG, local_ray, tiny_overrides
 
 # One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
-pytestmark = [pytest.mark.xdist_group("test_reward_serving"), pytest.mark.slow(80)]
+pytestmark = pytest.mark.xdist_group("test_reward_serving")
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red cube", "a blue ball", "green grass", "a yellow sun"]

@@ -30,7 +30,7 @@ from tests.conftest import local_ray, start_in_thread
 from tests.integration.test_ray_train import metric_steps, only_run, tiny_cfg
 
 # One test process for the whole module: its Ray cluster is module-scoped (scripts/test.sh: --dist loadgroup).
-pytestmark = [pytest.mark.xdist_group("test_scale_out"), pytest.mark.slow(100)]
+pytestmark = pytest.mark.xdist_group("test_scale_out")
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-4
