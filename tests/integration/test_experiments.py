@@ -332,9 +332,7 @@ def budget_reached(total: float, budget: float) -> bool:
         ("test split", {}, "is the reported test split"),
     ],
 )
-def test_bad_sweep_specs_fail_before_any_trial(
-    tiny_flux_dir, tmp_path, capsys, monkeypatch, case, change, message
-):
+def test_bad_sweep_specs_fail_before_any_trial(tiny_flux_dir, tmp_path, case, change, message):
     spec_path = sweep_spec(tiny_flux_dir, tmp_path)
     spec = yaml.safe_load(spec_path.read_text())
     spec.update(change)
@@ -363,9 +361,7 @@ def test_bad_sweep_specs_fail_before_any_trial(
         ("no prompts", {"overrides": {"train.prompts": "EMPTY"}}, "holds no prompts"),
     ],
 )
-def test_bad_compare_specs_fail_before_anything(
-    tiny_flux_dir, tmp_path, capsys, monkeypatch, case, change, message
-):
+def test_bad_compare_specs_fail_before_anything(tiny_flux_dir, tmp_path, case, change, message):
     spec = {
         "name": "bad",
         "base": str(REPO / "experiments" / "tiny_demo.yaml"),

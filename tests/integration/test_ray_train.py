@@ -1,9 +1,10 @@
 """Ray Train on a real local cluster (127.0.0.1, 2 CPUs), a real MLflow sqlite store and the tiny Flux.
 
 One worker reproduces the single-process loop exactly (two workers with half the batch each, under DDP
-and FSDP2, and their DCP checkpoints: test_scale_out.py); a killed worker and a stopped run both continue from the last checkpoint, with every MLflow step
-logged exactly once; bad storage and an unreachable tracking server fail before any work. About 3 minutes
-on two cores, most of it starting worker processes (torch + diffusers imports).
+and FSDP2, and their DCP checkpoints: test_scale_out.py); a killed worker and a stopped run both continue
+from the last checkpoint, with every MLflow step logged exactly once; bad storage and an unreachable
+tracking server fail before any work. About 3 minutes on two cores, most of it starting worker processes
+(torch + diffusers imports).
 """
 
 from __future__ import annotations
