@@ -1,8 +1,8 @@
 """Ray Train on a real local cluster (127.0.0.1, 2 CPUs), a real MLflow sqlite store and the tiny Flux.
 
-One worker reproduces the single-process loop exactly (two workers with half the batch each, under DDP
-and FSDP2, and their DCP checkpoints: test_scale_out.py); a killed worker and a stopped run both continue
-from the last checkpoint, with every MLflow step logged exactly once; bad storage and an unreachable
+One worker reproduces the single-process loop exactly, through a killed worker and a stopped run that both
+continue from the last checkpoint, with every MLflow step logged exactly once (two workers with half the
+batch each, under DDP and FSDP2, and their DCP checkpoints: test_scale_out.py); bad storage and an unreachable
 tracking server fail before any work. About 3 minutes on two cores, most of it starting worker processes
 (torch + diffusers imports).
 """
@@ -73,31 +73,10 @@ def only_run(tmp: Path):
     return client, runs[0]
 
 
-def test_one_worker_equals_single_process(ray_cluster, baseline_losses, tiny_flux_dir, tmp_path):
-    cfg = tiny_cfg(tiny_flux_dir, tmp_path, **{"train.iterations": 3, "train.checkpoint_every": 2})
-    result = run_on_ray(cfg)
-
-    assert result.metrics["step"] == 3, f"last reported step {result.metrics.get('step')}"
-    assert result.checkpoint_path.endswith("checkpoint_000003"), f"newest checkpoint {result.checkpoint_path}"
-    client, run = only_run(tmp_path)
-    assert run.info.run_id == result.run_id and run.info.status == "FINISHED", f"{run.info}"
-    losses = metric_steps(client, run.info.run_id, "loss")
-    assert [s for s, _ in losses] == [1, 2, 3], f"MLflow loss steps {losses}"
-    assert [v for _, v in losses] == pytest.approx(baseline_losses[:3], rel=1e-6, abs=1e-7), (
-        f"Ray (1 worker) {losses} vs single process {baseline_losses[:3]}"
-    )
-    assert run.data.params["ray.num_workers"] == "1", "the resolved config is logged as params"
-    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-    logged |= {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    for name in ("config.yaml", "metrics.jsonl", "lora", "lora_ema", "samples/samples_before.png"):
-        assert name in logged, f"artifact {name} missing from the MLflow run: {sorted(logged)}"
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3], "rank 0 writes the run folder's metrics.jsonl"
-
-
 def test_killed_worker_and_stopped_run_continue_from_the_last_checkpoint(
     ray_cluster, baseline_losses, tiny_flux_dir, tmp_path, monkeypatch
 ):
+    """One Ray Train worker gives the single-process loop's numbers, through a killed worker and a resume."""
     # 1. Rank 0 dies at step 4, after flushing steps 3-4 to MLflow but before checkpoint 4 is reported:
     #    Ray restarts the worker group from checkpoint 2, and the replayed steps 3-4 must not log twice.
     marker = tmp_path / "fault.marker"
@@ -131,6 +110,14 @@ def test_killed_worker_and_stopped_run_continue_from_the_last_checkpoint(
     )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, BASELINE_STEPS + 1)), "metrics.jsonl replays once"
+    # What every run leaves: the newest checkpoint, the resolved config as params, its artifacts in MLflow.
+    assert result.checkpoint_path.endswith(f"checkpoint_{BASELINE_STEPS:06d}"), f"{result.checkpoint_path}"
+    assert run.info.run_id == result.run_id, f"the run's MLflow run: {run.info.run_id} vs {result.run_id}"
+    assert run.data.params["ray.num_workers"] == "1", "the resolved config is logged as params"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    logged |= {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    for name in ("config.yaml", "metrics.jsonl", "lora", "lora_ema", "samples/samples_before.png"):
+        assert name in logged, f"artifact {name} missing from the MLflow run: {sorted(logged)}"
 
 
 # ----------------------------------------------------------------------------- bad input, through the CLI
