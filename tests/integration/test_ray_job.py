@@ -53,6 +53,15 @@ def submit_job(address: str, env: dict[str, str], job_id: str, *command: str) ->
         time.sleep(3)
 
 
+def assert_succeeded(submit: subprocess.CompletedProcess, job_id: str) -> None:
+    """`ray job submit` waits for the job, then prints the status the head reports (what `ray job status`
+    prints) and exits 1 if the job failed."""
+    said = submit.stdout + submit.stderr
+    assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in said, (
+        f"job {job_id}: exit {submit.returncode}\nsubmit output: {submit.stdout[-3000:]}{submit.stderr[-2000:]}"
+    )
+
+
 @pytest.fixture(scope="module")
 def token_head():
     """A one-node Ray cluster on 127.0.0.1 (GCS, dashboard and workers), token auth, 2 CPUs."""
@@ -152,10 +161,7 @@ def test_ray_job_submit_trains_and_logs_one_mlflow_run(token_head, tiny_flux_dir
         "experiments/tiny_demo.yaml",
         *tiny_overrides(tiny_flux_dir, out, **values),
     )
-    status = ray_cli("job", "status", "--address", address, "tiny-job", env=env, timeout=60)
-    assert "Job 'tiny-job' succeeded" in status.stdout, (
-        f"job status: {status.stdout[-500:]}\nsubmit output: {submit.stdout[-3000:]}{submit.stderr[-2000:]}"
-    )
+    assert_succeeded(submit, "tiny-job")
     assert "done: step 2/2 on 1 Ray worker(s)" in submit.stdout, f"job log: {submit.stdout[-2000:]}"
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -202,10 +208,7 @@ def test_ray_job_submit_runs_a_sweep_on_the_token_cluster(token_head, tiny_flux_
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     out = tmp_path / "sweep"  # absolute: the job runs in an unpacked copy of the repo
     submit = submit_job(address, env, "sweep-job", "sweep", str(tmp_path / "sweep.yaml"), "--out", str(out))
-    status = ray_cli("job", "status", "--address", address, "sweep-job", env=env, timeout=60)
-    assert "Job 'sweep-job' succeeded" in status.stdout, (
-        f"job status: {status.stdout[-500:]}\nsubmit output: {submit.stdout[-3000:]}{submit.stderr[-2000:]}"
-    )
+    assert_succeeded(submit, "sweep-job")
     assert "best trial: " in submit.stdout, f"the sweep prints its best trial: {submit.stdout[-2000:]}"
     rows = pq.read_table(out / "report" / "results.parquet").to_pylist()
     assert sorted(row["method.leapalign.alpha"] for row in rows) == [0.0, 1.0], f"both grid points: {rows}"
@@ -237,10 +240,7 @@ def test_ray_job_submit_embeds_and_evaluates_on_ray_data(token_head, tiny_flux_d
         address, env, "embed-job", "embed", prompts, str(cache), "--model", str(tiny_flux_dir),
         "--max-sequence-length", "16", "--shard-size", "3", *actors,
     )  # fmt: skip
-    status = ray_cli("job", "status", "--address", address, "embed-job", env=env, timeout=60)
-    assert "Job 'embed-job' succeeded" in status.stdout, (
-        f"embed job: {embed.stdout[-3000:]}{embed.stderr[-2000:]}"
-    )
+    assert_succeeded(embed, "embed-job")
     assert "3 shards encoded on 2 Ray Data actor(s)" in embed.stdout, f"embed job log: {embed.stdout[-2000:]}"
     demo = load_prompts(prompts)
     assert TextCache(cache).missing(demo) == [] and len(TextCache(cache)) == len(set(demo)), "cache coverage"
@@ -254,10 +254,7 @@ def test_ray_job_submit_embeds_and_evaluates_on_ray_data(token_head, tiny_flux_d
         "--config", str(REPO / "experiments" / "tiny_demo.yaml"), "--num-prompts", "3", "--out", str(out),
         *actors, *overrides,
     )  # fmt: skip
-    status = ray_cli("job", "status", "--address", address, "eval-job", env=env, timeout=60)
-    assert "Job 'eval-job' succeeded" in status.stdout, (
-        f"eval job: {evaluate.stdout[-3000:]}{evaluate.stderr[-2000:]}"
-    )
+    assert_succeeded(evaluate, "eval-job")
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["summary"]) == ["base", "transformer"], f"one summary per weights: {summary}"
     base, same = (pq.read_table(out / name / "eval.parquet") for name in ("base", "transformer"))
