@@ -28,3 +28,35 @@ def test_the_drivers_wait_policy_reaches_workers_and_replicas(monkeypatch):
     assert worker_env(cfg, {})["env_vars"] == {**PINS, "OMP_WAIT_POLICY": "PASSIVE"}, "a worker gets it"
     replica = serving_plan(cfg.reward, cfg.train.cpu_isa)[0].spec.runtime_env["env_vars"]
     assert replica["OMP_WAIT_POLICY"] == "PASSIVE", "a replica gets it too"
+
+
+PROBE = """
+import json, os, ray
+from leapalign.config import load_config
+from leapalign.distributed.ray_train import connect_ray
+from tests.conftest import TINY_CONFIG
+assert connect_ray(load_config(TINY_CONFIG, []))
+keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "LEAPALIGN_PRIVATE_CLUSTER")
+print(json.dumps(ray.get(ray.remote(num_cpus=0)(lambda: {k: os.environ.get(k) for k in keys}).remote())))
+ray.shutdown()
+"""
+
+
+def test_a_private_clusters_processes_get_the_train_settings():
+    """connect_ray's private cluster (a real one): what a Train controller started there inherits, read in one
+    of its worker processes. The health-check interval is 0.2 s when the user set none (bench/README.md)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    unset = ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    probe = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert seen == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                    "LEAPALIGN_PRIVATE_CLUSTER": "1"}, f"a private cluster's process: {seen}"  # fmt: skip
