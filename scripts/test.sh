@@ -11,8 +11,6 @@ export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2
 # loaded machine, where spinning threads take the cores others need (bench/README.md; timing only; passed on
 # to Ray workers and replicas, leapalign/numerics.py THREAD_KEYS).
 export OMP_WAIT_POLICY=PASSIVE
-# Ray Train notices a dead worker within 0.2 s instead of seconds (the fault-injection tests wait on it).
-export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2
 # A loaded 2-core machine can take over Ray Train's default 60 s to start a worker group.
 export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=300
 # One token for every Ray cluster the tests start (none is written to ~/.ray: two test processes would race).

@@ -114,11 +114,16 @@ def local_ray(**init_kwargs):
     import ray
     import ray._private.ray_constants as ray_constants
 
-    from leapalign.distributed.ray_train import PREEMPTION_WATCHER_ENV, PRIVATE_CLUSTER_ENV
+    from leapalign.distributed.ray_train import (
+        HEALTH_CHECK_INTERVAL_ENV,
+        PREEMPTION_WATCHER_ENV,
+        PRIVATE_CLUSTER_ENV,
+    )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setenv(PREEMPTION_WATCHER_ENV, "0")  # as connect_ray's private clusters: no node to lose
+        mp.setenv(PREEMPTION_WATCHER_ENV, "0")  # as connect_ray's private clusters: no node to lose,
+        mp.setenv(HEALTH_CHECK_INTERVAL_ENV, "0.2")  # workers polled every 0.2 s (a dead one noticed then)
         mp.setenv(PRIVATE_CLUSTER_ENV, "1")  # and no placement-group cleaner (it has no dashboard to poll)
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         try:

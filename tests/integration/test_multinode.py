@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from leapalign.distributed.ray_train import PRIVATE_CLUSTER_ENV, run_on_ray
+from leapalign.distributed.ray_train import HEALTH_CHECK_INTERVAL_ENV, PRIVATE_CLUSTER_ENV, run_on_ray
 from tests.conftest import shutdown_ray, start_in_thread
 from tests.integration.test_ray_train import tiny_cfg
 from tests.integration.test_scale_out import LORA, LOSS_RTOL, jsonl, single_process
@@ -33,7 +33,7 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        mp.setenv(HEALTH_CHECK_INTERVAL_ENV, "0.2")  # as connect_ray's private clusters
         # This test's own nodes, without a dashboard: Train V2's placement-group cleaner could not query the
         # State API it polls (and said so on the console), so runs start none, as on a private cluster.
         mp.setenv(PRIVATE_CLUSTER_ENV, "1")

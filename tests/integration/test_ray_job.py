@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from leapalign.distributed.ray_train import HEALTH_CHECK_INTERVAL_ENV
 from tests.conftest import REPO, free_port, tiny_overrides
 from tests.unit.test_cli_and_config import EXPECTED_TWO_STEP_LOSSES
 
@@ -71,7 +72,7 @@ def token_head():
         "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this cluster's own token; ~/.ray/auth_token is untouched
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every process listens on 127.0.0.1 (see connect_ray)
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        HEALTH_CHECK_INTERVAL_ENV: "0.2",  # as connect_ray's private clusters (`ray start` sets none)
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is the venv's
     }
     # Every port is picked free: Ray's fixed defaults (agent 52365, client 10001, ...) clash with any other

@@ -4,7 +4,12 @@ OpenMP thread settings (leapalign.numerics.THREAD_KEYS), for Ray Train workers a
 from __future__ import annotations
 
 from leapalign.config import load_config
-from leapalign.distributed.ray_train import worker_env
+from leapalign.distributed.ray_train import (
+    HEALTH_CHECK_INTERVAL_ENV,
+    PREEMPTION_WATCHER_ENV,
+    PRIVATE_CLUSTER_ENV,
+    worker_env,
+)
 from leapalign.rewards.serving import serving_plan
 from tests.conftest import TINY_CONFIG
 
@@ -30,14 +35,14 @@ def test_the_drivers_wait_policy_reaches_workers_and_replicas(monkeypatch):
     assert replica["OMP_WAIT_POLICY"] == "PASSIVE", "a replica gets it too"
 
 
-PROBE = """
+SETTINGS = (HEALTH_CHECK_INTERVAL_ENV, PREEMPTION_WATCHER_ENV, PRIVATE_CLUSTER_ENV)
+PROBE = f"""
 import json, os, ray
 from leapalign.config import load_config
 from leapalign.distributed.ray_train import connect_ray
 from tests.conftest import TINY_CONFIG
 assert connect_ray(load_config(TINY_CONFIG, []))
-keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "LEAPALIGN_PRIVATE_CLUSTER")
-print(json.dumps(ray.get(ray.remote(num_cpus=0)(lambda: {k: os.environ.get(k) for k in keys}).remote())))
+print(json.dumps(ray.get(ray.remote(num_cpus=0)(lambda: {{k: os.environ.get(k) for k in {SETTINGS!r}}}).remote())))
 ray.shutdown()
 """
 
@@ -52,11 +57,11 @@ def test_a_private_clusters_processes_get_the_train_settings():
 
     from tests.conftest import REPO
 
-    unset = ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    unset = ("RAY_ADDRESS", HEALTH_CHECK_INTERVAL_ENV)
     env = {k: v for k, v in os.environ.items() if k not in unset}
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
     assert probe.returncode == 0, probe.stderr[-2000:]
     seen = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert seen == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                    "LEAPALIGN_PRIVATE_CLUSTER": "1"}, f"a private cluster's process: {seen}"  # fmt: skip
+    want = {HEALTH_CHECK_INTERVAL_ENV: "0.2", PREEMPTION_WATCHER_ENV: "0", PRIVATE_CLUSTER_ENV: "1"}
+    assert seen == want, f"a private cluster's process: {seen}"

@@ -305,9 +305,9 @@ def connect_ray(cfg: Config) -> bool:
         # cluster on this machine has no node to lose to preemption. Read by the Train controller, which
         # inherits this process's environment through the raylet.
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-        # The Train controller polls its workers every 0.2 s instead of Ray's 1 s, so it sees a worker group
-        # start or finish sooner: a tuned comparison's 4 tiny trials, 65 s instead of 77 s of wall time for
-        # the same CPU (bench/README.md). Below 0.2 s a run was seen to hang. Read by the controller, as above.
+        # The Train controller polls its workers every 0.2 s instead of Ray's 2 s, so it sees a worker group
+        # start or finish (or die) sooner: a tuned comparison's 4 tiny trials took 65 s against 77 s at 1 s
+        # and 87-92 s at 2 s, for the same CPU (bench/README.md). At 0.05 s a run hung. Read by the controller.
         os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
         os.environ[PRIVATE_CLUSTER_ENV] = "1"
         # No dashboard: its one use here was the State API that Train V2's placement-group cleaner polls,
